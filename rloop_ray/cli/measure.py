@@ -1,0 +1,3 @@
+"""CLI commands: measure (to be filled)."""
+
+from rloop_ray.cli._app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI commands: validate (to be filled)."""
+
+from rloop_ray.cli._app import app  # noqa: F401

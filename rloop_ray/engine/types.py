@@ -1,0 +1,72 @@
+"""Plain, picklable request/result types shared by the engine, the worker and the grid.
+
+They are the narrow interface of the engine (lm-eval-harness style): lists of
+`CellRequest` in, lists of result dicts out. Nothing here imports torch, so the
+grid, the store and the driver can use them without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SITES = ("kv", "k", "v", "v_proj", "qkv", "resid")
+"""Where an intervention writes: cache (`kv`, `k`, `v`) or prefill activations."""
+CACHE_SITES = ("kv", "k", "v")
+PREFILL_SITES = ("v_proj", "qkv", "resid")
+MODES = ("mix", "transplant")
+ALIGNS = ("start", "end")
+CONTROLS = ("patch", "natural", "self", "shuffle", "random", "other")
+"""`patch`: the source as given. `natural`: no intervention at all. `self`: the source is
+the target itself (must equal `natural`). `shuffle`: the source's positions permuted
+(seeded). `random`: Gaussian noise matched per layer (and head) to the source's mean/std.
+`other`: the grid picks another prompt of the target's own group as source; for the
+engine it is a plain patch."""
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One point of the `site x layers x tokens x alpha x source` vocabulary (DESIGN §3)."""
+
+    site: str = "kv"
+    layers: str = "all"  # layer spec: "all", "16:32", "50%:100%", "3", "0,4,8"
+    tokens: str = "all"  # token spec over the target's prefill positions
+    align: str = "end"  # which source position feeds a target position
+    alpha: float = 1.0  # patched = (1 - alpha) * target + alpha * source, in float32
+    mode: str = "mix"  # kv sites only: "mix" (position-aligned) or "transplant"
+    control: str = "patch"
+    control_seed: int = 0  # seeds the permutation of `shuffle` and the noise of `random`
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0  # per-cell seed (the grid derives it from the cell id)
+    stop_at_eos: bool = True
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    early_layer: str = "12.5%"  # absolute index ("4") or fraction of depth ("12.5%")
+    late_layer: str = "84%"
+    window: int = 16  # last W generated tokens
+    centering: bool = False
+    trajectory: bool = False  # R_V over a sliding window at every generation step
+    scorers: tuple[str, ...] = ("keywords", "regex", "logprob_contrast")
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    """Everything the engine needs to run one cell; texts are resolved by the grid."""
+
+    cell_id: str
+    target_text: str
+    source_text: str | None  # None for control="natural"
+    intervention: Intervention = field(default_factory=Intervention)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
