@@ -1,0 +1,158 @@
+"""The Ray actor that pins one model replica and runs whole work units on it.
+
+Ray is the transport, not the logic: `ModelWorker` is a plain class around an engine
+(`engine.Engine`, or `NullEngine` in tests and benchmarks) that `remote_worker` wraps
+with `ray.remote`. The model is loaded once, in the constructor; every unit reuses it.
+Errors are data (submitit style): a unit whose engine call raises comes back as failed
+rows with the traceback instead of killing the actor, so only a dead process (OOM, kill,
+segfault) surfaces as a Ray error for the driver to handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from rloop_ray.engine.types import CellRequest
+from rloop_ray.store import now_utc
+
+log = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    """What the worker needs from an engine (docs/architecture.md, "Engine interface")."""
+
+    def run(self, requests: list[CellRequest]) -> list[dict[str, Any]]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+EngineFactory = Callable[[str], EngineLike]
+"""model id -> loaded engine. Must be picklable (a module-level function or a partial)."""
+
+
+def _runtime_ids() -> dict[str, Any]:
+    """Where this process runs: actor id, node id and the accelerators Ray assigned."""
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        actor_id = ctx.get_actor_id()
+        node_id = ctx.get_node_id()
+        accel = ctx.get_accelerator_ids()
+    except (ImportError, RuntimeError, AttributeError):  # used outside Ray (tests, debug)
+        return {"actor_id": None, "node_id": None, "accelerator_ids": []}
+    return {
+        "actor_id": actor_id,
+        "node_id": node_id,
+        "accelerator_ids": [str(i) for i in accel.get("GPU", [])],
+    }
+
+
+def failed_rows(
+    requests: Sequence[CellRequest], error_type: str, error: str
+) -> list[dict[str, Any]]:
+    """Engine-shaped rows for cells that never got a result (errors as data)."""
+    return [
+        {"cell_id": r.cell_id, "status": "failed", "error_type": error_type, "error": error}
+        for r in requests
+    ]
+
+
+class ModelWorker:
+    """One model replica. Construct with `remote_worker(...)` to run it as a Ray actor."""
+
+    def __init__(self, engine_factory: EngineFactory, model: str, index: int = 0) -> None:
+        self.model = model
+        self.index = index
+        ids = _runtime_ids()
+        self.actor_id: str | None = ids["actor_id"]
+        self.node_id: str | None = ids["node_id"]
+        self.accelerator_ids: list[str] = ids["accelerator_ids"]
+        self.pid = os.getpid()
+        short = (self.actor_id or f"local{self.pid}")[:8]
+        self.name = f"w{index}-{short}"
+        t0 = time.perf_counter()
+        self.engine = engine_factory(model)  # the one model load of this replica
+        self.load_seconds = time.perf_counter() - t0
+        log.info("worker %s loaded %s in %.1fs", self.name, model, self.load_seconds)
+
+    def ready(self) -> dict[str, Any]:
+        """Identity and engine info; the driver calls it once to wait for the model load."""
+        return {
+            "worker": self.name,
+            "index": self.index,
+            "actor_id": self.actor_id,
+            "node": self.node_id,
+            "pid": self.pid,
+            "accelerator_ids": self.accelerator_ids,
+            "load_seconds": self.load_seconds,
+            "engine": self.engine.info(),
+        }
+
+    def run_unit(self, requests: list[CellRequest], attempt: int = 1) -> list[dict[str, Any]]:
+        """Run one unit's cells; returns one row per request (engine keys + runner keys)."""
+        t0 = time.perf_counter()
+        try:
+            rows = self.engine.run(list(requests))
+            if len(rows) != len(requests):
+                raise RuntimeError(
+                    f"engine returned {len(rows)} rows for {len(requests)} requests"
+                )
+        except Exception as exc:  # noqa: BLE001 - the engine broke its never-raise contract
+            log.exception("engine raised on a unit of %d cells", len(requests))
+            rows = failed_rows(requests, type(exc).__name__, traceback.format_exc())
+        seconds = (time.perf_counter() - t0) / max(len(requests), 1)
+        finished = now_utc()
+        runner = {
+            "attempt": attempt,
+            "worker": self.name,
+            "node": self.node_id,
+            "accelerator_ids": self.accelerator_ids,
+            "seconds": seconds,
+            "finished_at": finished,
+        }
+        out: list[dict[str, Any]] = []
+        for req, row in zip(requests, rows, strict=True):
+            merged = {**row, **runner}
+            merged["cell_id"] = req.cell_id  # the request's id is authoritative
+            merged.setdefault("status", "ok")
+            out.append(merged)
+        return out
+
+    def pid_(self) -> int:
+        """The process id (fault tests kill it)."""
+        return self.pid
+
+
+def remote_worker(
+    engine_factory: EngineFactory,
+    model: str,
+    index: int,
+    *,
+    num_gpus: float = 0,
+    num_cpus: float = 1,
+    max_restarts: int = 3,
+) -> Any:
+    """Start one `ModelWorker` actor and return its handle.
+
+    Retries are split on purpose: Ray restarts a dead actor process up to `max_restarts`
+    times (the constructor runs again and reloads the model), but `max_task_retries=0`
+    so Ray never re-runs a unit by itself: the driver sees the failure, counts the attempt
+    and requeues the unit on whichever worker is free, which keeps `attempt` honest and
+    lets a unit that keeps killing its worker be recorded as failed instead of looping.
+    """
+    import ray
+
+    actor_cls = ray.remote(ModelWorker)
+    return actor_cls.options(
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        max_restarts=max_restarts,
+        max_task_retries=0,
+        name=None,
+    ).remote(engine_factory, model, index)
