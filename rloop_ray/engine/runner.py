@@ -23,10 +23,9 @@ import torch
 from transformers import DynamicCache
 
 from rloop_ray.engine import attention
-from rloop_ray.engine.geometry import r_v
+from rloop_ray.engine.geometry import r_v, spectrum
 from rloop_ray.engine.hooks import hooks
 from rloop_ray.engine.interventions import (
-    PositionMap,
     matched_noise,
     mix_positions,
     permutation,
@@ -38,7 +37,6 @@ from rloop_ray.engine.types import (
     CACHE_SITES,
     CONTROLS,
     MODES,
-    PREFILL_SITES,
     SITES,
     CellRequest,
 )
@@ -205,6 +203,31 @@ class Engine:
         if self._max_positions is not None and n_positions > self._max_positions:
             raise CellError(f"{n_positions} positions exceed the model's context of "
                             f"{self._max_positions} (max_position_embeddings)")
+
+    @torch.no_grad()
+    def prompt_geometry(self, text: str, *, window: int, center: bool = False
+                        ) -> list[dict[str, Any]]:
+        """Experiment A (no generation): V of the prompt's last `window` tokens per layer.
+
+        The forward covers the whole prompt (not the prefill), so the last token counts.
+        """
+        ids = self.tokenize(text)
+        cache = self._prefill(torch.tensor([ids], device=self.device), [])
+        rows = []
+        for layer in range(self.n_layers):
+            v = cache.layers[layer].values[0]  # (H, T, D)
+            mat = v.permute(1, 0, 2).reshape(v.shape[1], -1)
+            if mat.shape[0] < window:
+                rows.append({"layer": layer, "n_tokens": len(ids), "pr": None,
+                             "effective_rank": None,
+                             "status": f"too_few_tokens:{mat.shape[0]}<{window}"})
+                continue
+            spec = spectrum(mat[-window:], center=center)
+            rows.append({"layer": layer, "n_tokens": len(ids),
+                         "pr": None if spec is None else spec.pr,
+                         "effective_rank": None if spec is None else spec.erank_entropy,
+                         "status": "ok" if spec is not None else "zero_matrix"})
+        return rows
 
     # ------------------------------------------------------------------ run
     def run(self, requests: Sequence[CellRequest]) -> list[dict[str, Any]]:
@@ -539,7 +562,8 @@ class Engine:
         return results
 
     # ------------------------------------------------------------------ measure
-    def _v_rows(self, cache: DynamicCache, layer: int, b: int, start: int, stop: int) -> torch.Tensor:
+    def _v_rows(self, cache: DynamicCache, layer: int, b: int, start: int,
+                stop: int) -> torch.Tensor:
         """V of slots [start, stop) of row b at `layer`, as (T, kv_heads * head_dim)."""
         v = cache.layers[layer].values[b, :, start:stop, :]  # (H, T, D)
         return v.permute(1, 0, 2).reshape(v.shape[1], -1)

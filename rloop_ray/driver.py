@@ -1,0 +1,669 @@
+"""Scheduling work units onto model workers: backpressure, retries, shards, progress, Ctrl-C.
+
+The driver is the only stateful piece of a sweep and it keeps its state on disk: what is
+done is whatever the store's shards say, so a driver killed at any instant is resumed by
+running it again. Per model it starts one `ModelWorker` actor per replica, keeps at most
+`max_in_flight` units queued on each (`ray.wait`, never a `ray.get` loop), batches rows
+into shards of up to `shard_rows` rows or `shard_seconds` seconds, and writes each cell
+once. A dead worker is handled in two layers, on purpose:
+
+* Ray restarts the actor process (`max_restarts`, model reloaded in the constructor);
+  `max_task_retries=0`, so Ray itself never re-runs a unit.
+* The driver requeues the dead worker's in-flight units (attempt + 1) onto any live worker.
+  A unit that was in flight when a worker died becomes a *suspect* and is only dispatched
+  to an idle worker, alone, so a later death is pinned on it; after `max_unit_attempts`
+  deaths its cells are recorded as failed (`ActorDiedError`) instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Protocol
+
+from rloop_ray.engine.types import CellRequest
+from rloop_ray.store import ResultStore, StoreError, now_utc
+from rloop_ray.worker import EngineFactory, failed_rows, remote_worker
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class CellLike(Protocol):
+    cell_id: str
+
+    def coordinates(self) -> dict[str, Any]: ...
+
+
+class UnitLike(Protocol):
+    """What the driver needs of a `grid.WorkUnit`."""
+
+    unit_id: str
+    model: str
+    cells: Sequence[CellLike]
+
+
+ToRequests = Callable[[Any], Sequence[CellRequest]]
+"""unit -> its cells' engine requests (any order; matched to cells by cell_id)."""
+
+
+class DriverError(RuntimeError):
+    """The sweep cannot go on (no worker could start, every worker died)."""
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    """Knobs of one sweep run. Defaults suit GPU workers; tests and benchmarks shrink them."""
+
+    workers: int | None = None  # None: one per GPU replica, or one per `cpus_per_worker` CPUs
+    use_gpus: bool | None = None  # None: GPU workers iff the cluster has GPUs
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_in_flight: int = 2  # units queued per worker: one running, one waiting to start
+    shard_rows: int = 5000  # a shard is written at this many rows ...
+    shard_seconds: float = 30.0  # ... or when its oldest row is this old
+    max_unit_attempts: int = 3  # worker deaths a unit may be part of before it is failed
+    max_restarts: int = 3  # Ray-level restarts of a dead actor process
+    retry_failed: bool = True  # a resume re-runs cells recorded as failed
+    progress: bool | None = None  # None: a tqdm bar on a TTY unless CI is set
+    log_every: float = 30.0  # seconds between progress log lines when there is no bar
+    handle_sigint: bool = True  # first Ctrl-C stops dispatching and flushes
+
+
+@dataclass
+class SweepResult:
+    """What a run did. `status`: complete | failed | interrupted."""
+
+    status: str
+    planned: int
+    skipped: int  # already done before this run
+    ok: int  # cells that succeeded in this run
+    failed: int  # cells recorded as failed in this run
+    remaining: int  # cells neither done nor failed at the end
+    seconds: float
+    failed_cell_ids: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == "interrupted":
+            return EXIT_INTERRUPTED
+        return EXIT_OK if self.status == "complete" else EXIT_FAILED
+
+    @property
+    def message(self) -> str:
+        head = (
+            f"{self.status}: {self.ok} cells ok, {self.failed} failed, "
+            f"{self.remaining} remaining, {self.skipped} already done "
+            f"(of {self.planned}) in {self.seconds:.1f}s"
+        )
+        notes = list(self.errors)
+        if self.failed:
+            notes.append(
+                f"{self.failed} cells failed; their reasons are in failures/ "
+                f"(rerun with --resume to retry them)"
+            )
+        if self.status == "interrupted":
+            notes.append("interrupted; continue with --resume")
+        return "; ".join([head, *notes])
+
+
+# -- Ray session -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None = None,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+) -> Iterator[None]:
+    """Ray for the duration of a sweep.
+
+    No `address`: start an embedded local cluster (no dashboard; sized by num_cpus/num_gpus
+    if given) and shut it down at the end. `auto` or `ray://...`: join an existing cluster
+    and leave it running. An already initialised Ray (tests, notebooks) is used as is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
+        if num_cpus is not None:
+            kwargs["num_cpus"] = int(num_cpus)
+        if num_gpus is not None:
+            kwargs["num_gpus"] = int(num_gpus)
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -- internals ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    unit_id: str
+    model: str
+    requests: list[CellRequest]
+    attempt: int
+    deaths: int = 0
+
+    @property
+    def suspect(self) -> bool:
+        return self.deaths > 0
+
+
+@dataclass
+class _Worker:
+    index: int
+    handle: Any
+    state: str = "starting"  # starting | ready | probing | dead
+    name: str = ""
+    in_flight: int = 0
+    suspect_in_flight: bool = False
+    probe_at: float = 0.0
+
+    def capacity(self, max_in_flight: int) -> int:
+        if self.state != "ready" or self.suspect_in_flight:
+            return 0
+        return max_in_flight - self.in_flight
+
+
+def _coordinates(cell: Any) -> dict[str, Any]:
+    coords = getattr(cell, "coordinates", None)
+    if callable(coords):
+        return dict(coords())
+    if is_dataclass(cell) and not isinstance(cell, type):
+        return asdict(cell)
+    raise TypeError(f"{type(cell).__name__} has no coordinates() and is not a dataclass")
+
+
+def _default_workers(config: DriverConfig, use_gpus: bool, resources: Mapping[str, float]) -> int:
+    if config.workers is not None:
+        return max(1, config.workers)
+    if use_gpus:
+        return max(1, math.floor(resources.get("GPU", 0) / config.gpus_per_worker))
+    return max(1, math.floor(resources.get("CPU", 1) / config.cpus_per_worker))
+
+
+def _progress_enabled(config: DriverConfig) -> bool:
+    if config.progress is not None:
+        return config.progress
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return sys.stderr.isatty() and not ci
+
+
+class _Progress:
+    """tqdm on a TTY, otherwise a log line every `log_every` seconds."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: float) -> None:
+        self.total = total
+        self.initial = initial
+        self.done = initial
+        self.failed = 0
+        self.t0 = time.monotonic()
+        self.last_log = self.t0
+        self.log_every = log_every
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="cell", dynamic_ncols=True)
+
+    def update(self, n_ok: int, n_failed: int) -> None:
+        self.done += n_ok + n_failed
+        self.failed += n_failed
+        if self.bar is not None:
+            self.bar.update(n_ok + n_failed)
+            if n_failed:
+                self.bar.set_postfix(failed=self.failed, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= self.log_every:
+            self.last_log = now
+            self.log()
+
+    def log(self) -> None:
+        elapsed = time.monotonic() - self.t0
+        ran = self.done - self.initial
+        rate = ran / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        log.info(
+            "cells %d/%d (%.1f%%), %.1f cells/s, ETA %s, %d failed",
+            self.done,
+            self.total,
+            100.0 * self.done / max(self.total, 1),
+            rate,
+            eta,
+            self.failed,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self.log()
+
+
+class _SigintLatch:
+    """First Ctrl-C sets a flag (stop dispatching, flush, exit 130); a second one aborts."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.stop = False
+        self._previous: Any = None
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        log.warning("interrupt: no new units; flushing finished cells (Ctrl-C again to abort)")
+
+    def __enter__(self) -> _SigintLatch:
+        if self._enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Run:
+    """State of one `run_sweep` call."""
+
+    def __init__(
+        self,
+        store: ResultStore,
+        engine_factory: EngineFactory,
+        config: DriverConfig,
+        coords: dict[str, dict[str, Any]],
+        progress: _Progress,
+        latch: _SigintLatch,
+    ) -> None:
+        self.store = store
+        self.engine_factory = engine_factory
+        self.config = config
+        self.coords = coords
+        self.progress = progress
+        self.latch = latch
+        self.written: set[str] = set()
+        self.ok = 0
+        self.failed_ids: list[str] = []
+        self.errors: list[str] = []
+        self.engines: dict[str, Any] = {}
+        self._cells: list[dict[str, Any]] = []
+        self._failures: list[dict[str, Any]] = []
+        self._oldest: float | None = None
+
+    # -- rows and shards ----------------------------------------------------------------
+
+    def accept(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Buffer a unit's rows; a cell id already written in this run is dropped."""
+        n_ok = n_failed = 0
+        for row in rows:
+            cid = row["cell_id"]
+            if cid in self.written:
+                log.debug("dropping duplicate row for cell %s", cid)
+                continue
+            self.written.add(cid)
+            full = {**row, **self.coords[cid]}  # grid coordinates are authoritative
+            self._cells.append(full)
+            if full.get("status") == "ok":
+                n_ok += 1
+            else:
+                n_failed += 1
+                self.failed_ids.append(cid)
+                self._failures.append(full)
+        self.ok += n_ok
+        if self._oldest is None and self._cells:
+            self._oldest = time.monotonic()
+        self.progress.update(n_ok, n_failed)
+        if len(self._cells) >= self.config.shard_rows:
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        if self._oldest is not None and time.monotonic() - self._oldest >= self.config.shard_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Cells first (the source of truth for resume), then their failure records."""
+        if self._cells:
+            self.store.write_cells(self._cells)
+            self._cells = []
+        if self._failures:
+            self.store.write_failures(self._failures)
+            self._failures = []
+        self._oldest = None
+
+    def fail_task(self, task: _Task, error_type: str, error: str) -> None:
+        rows = failed_rows(task.requests, error_type, error)
+        for r in rows:
+            r.update(attempt=task.attempt, finished_at=now_utc())
+        self.accept(rows)
+
+    # -- one model ------------------------------------------------------------------------
+
+    def run_model(self, model: str, tasks: list[_Task], n_workers: int, use_gpus: bool) -> None:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
+
+        cfg = self.config
+        workers = [
+            _Worker(
+                index=i,
+                handle=remote_worker(
+                    self.engine_factory,
+                    model,
+                    i,
+                    num_gpus=cfg.gpus_per_worker if use_gpus else 0,
+                    num_cpus=cfg.cpus_per_worker,
+                    max_restarts=cfg.max_restarts,
+                ),
+            )
+            for i in range(n_workers)
+        ]
+        queue: deque[_Task] = deque(tasks)
+        suspects: deque[_Task] = deque()
+        # ref -> (kind, worker, task): kind is "ready" (model load), "unit" or "probe".
+        pending: dict[Any, tuple[str, _Worker, _Task | None]] = {}
+        for w in workers:
+            pending[w.handle.ready.remote()] = ("ready", w, None)
+        log.info("model %s: starting %d workers for %d units", model, n_workers, len(tasks))
+
+        def dispatch() -> None:
+            for w in workers:
+                if w.state == "ready" and w.in_flight == 0 and suspects:
+                    t = suspects.popleft()
+                    pending[w.handle.run_unit.remote(t.requests, t.attempt)] = ("unit", w, t)
+                    w.in_flight += 1
+                    w.suspect_in_flight = True
+                    continue
+                for _ in range(w.capacity(cfg.max_in_flight)):
+                    if not queue:
+                        break
+                    t = queue.popleft()
+                    pending[w.handle.run_unit.remote(t.requests, t.attempt)] = ("unit", w, t)
+                    w.in_flight += 1
+
+        def worker_lost(w: _Worker, task: _Task, exc: BaseException) -> None:
+            w.in_flight -= 1
+            if task.suspect:
+                w.suspect_in_flight = False
+            task.deaths += 1
+            task.attempt += 1
+            if task.deaths >= cfg.max_unit_attempts:
+                log.error(
+                    "unit %s was on a dying worker %d times; recording its cells as failed",
+                    task.unit_id,
+                    task.deaths,
+                )
+                self.fail_task(
+                    task,
+                    type(exc).__name__,
+                    f"the worker died {task.deaths} times while this unit was in flight; "
+                    f"last error: {exc}",
+                )
+            else:
+                suspects.append(task)
+            if w.state == "ready":
+                log.warning("worker %s died (%s); requeueing its units", w.name, type(exc).__name__)
+                w.state = "probing"
+                w.probe_at = time.monotonic()
+
+        try:
+            while True:
+                if self.latch.stop:
+                    return
+                now = time.monotonic()
+                for w in workers:
+                    if w.state == "probing" and w.probe_at and now >= w.probe_at:
+                        w.probe_at = 0.0  # one probe at a time
+                        pending[w.handle.ready.remote()] = ("probe", w, None)
+                dispatch()
+                live = [w for w in workers if w.state != "dead"]
+                if not queue and not suspects and not any(k == "unit" for k, _, _ in pending.values()):
+                    return
+                if not live:
+                    left = sum(len(t.requests) for t in (*queue, *suspects))
+                    raise DriverError(f"every worker for model {model} died; {left} cells not run")
+                timeout = min(0.5, max(cfg.shard_seconds, 0.01))
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+                if ready:
+                    rest = [r for r in pending if r not in ready]
+                    if rest:
+                        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                        ready.extend(more)
+                for ref in ready:
+                    kind, w, task = pending.pop(ref)
+                    try:
+                        value = ray.get(ref)  # ready: does not block
+                    except ActorUnavailableError as exc:
+                        if kind == "unit":
+                            assert task is not None
+                            worker_lost(w, task, exc)
+                        else:  # restarting: look again shortly
+                            w.state = "probing"
+                            w.probe_at = time.monotonic() + 0.5
+                        continue
+                    except ActorDiedError as exc:
+                        if kind == "unit":
+                            assert task is not None
+                            worker_lost(w, task, exc)
+                        else:
+                            self._worker_dead(model, w, kind, exc)
+                        continue
+                    except RayActorError as exc:
+                        if kind == "unit":
+                            assert task is not None
+                            worker_lost(w, task, exc)
+                        else:
+                            w.state = "probing"
+                            w.probe_at = time.monotonic() + 0.5
+                        continue
+                    except RayError as exc:  # task error or lost object: record, do not loop
+                        if kind == "unit":
+                            assert task is not None
+                            w.in_flight -= 1
+                            w.suspect_in_flight = w.suspect_in_flight and not task.suspect
+                            self.fail_task(task, type(exc).__name__, str(exc))
+                        else:
+                            self._worker_dead(model, w, kind, exc)
+                        continue
+                    if kind == "unit":
+                        assert task is not None
+                        w.in_flight -= 1
+                        if task.suspect:
+                            w.suspect_in_flight = False
+                        self.accept(value)
+                    else:
+                        if kind == "probe":
+                            log.info("worker %s is back (pid %s)", value["worker"], value["pid"])
+                        else:
+                            self.engines.setdefault(model, value["engine"])
+                            log.info(
+                                "worker %s ready on node %s, accelerators %s (load %.1fs)",
+                                value["worker"],
+                                (value["node"] or "?")[:8],
+                                value["accelerator_ids"] or "-",
+                                value["load_seconds"],
+                            )
+                        w.name = value["worker"]
+                        w.state = "ready"
+                self.maybe_flush()
+        finally:
+            for w in workers:
+                with contextlib.suppress(RayError, ValueError):
+                    ray.kill(w.handle, no_restart=True)
+
+    def _worker_dead(self, model: str, w: _Worker, kind: str, exc: BaseException) -> None:
+        w.state = "dead"
+        what = "could not start" if kind == "ready" else "died for good"
+        msg = f"worker {w.index} for model {model} {what}: {exc}"
+        log.error("%s", msg)
+        if kind == "ready":
+            self.errors.append(msg.splitlines()[0] if len(self.errors) < 3 else "")
+            self.errors = [e for e in self.errors if e]
+
+
+def _plan(
+    units: Iterable[UnitLike],
+    to_requests: ToRequests,
+    skip: set[str],
+    prior_attempts: Mapping[str, int],
+) -> tuple[dict[str, list[_Task]], dict[str, int], dict[str, dict[str, Any]]]:
+    """Units -> tasks of only the cells still to run, per model, in the units' order."""
+    tasks: dict[str, list[_Task]] = {}
+    planned: dict[str, int] = {}
+    coords: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for unit in units:
+        planned[unit.model] = planned.get(unit.model, 0) + len(unit.cells)
+        todo: dict[str, Any] = {}
+        for cell in unit.cells:
+            if cell.cell_id in seen:
+                raise ValueError(f"cell {cell.cell_id} appears twice in the grid")
+            seen.add(cell.cell_id)
+            if cell.cell_id not in skip:
+                todo[cell.cell_id] = cell
+        if not todo:
+            continue
+        requests = [r for r in to_requests(unit) if r.cell_id in todo]
+        missing = set(todo) - {r.cell_id for r in requests}
+        if missing:
+            raise ValueError(f"unit {unit.unit_id}: no request for cells {sorted(missing)[:3]}")
+        for cid, cell in todo.items():
+            c = _coordinates(cell)
+            c.setdefault("model", unit.model)
+            c["cell_id"] = cid
+            c["unit_id"] = unit.unit_id
+            coords[cid] = c
+        attempt = 1 + max((prior_attempts.get(cid, 0) for cid in todo), default=0)
+        tasks.setdefault(unit.model, []).append(_Task(unit.unit_id, unit.model, requests, attempt))
+    return tasks, planned, coords
+
+
+def run_sweep(
+    units: Iterable[UnitLike],
+    store: ResultStore,
+    engine_factory: EngineFactory,
+    to_requests: ToRequests,
+    config: DriverConfig | None = None,
+) -> SweepResult:
+    """Run every cell of `units` not yet done in `store`; resumable at any point.
+
+    `store` must be prepared (`ResultStore.prepare`), Ray initialised or it is started
+    here (`ray_session`). Models run one after another, each on its own set of workers.
+    Returns a `SweepResult`; its `exit_code` is what the CLI exits with (0, 1, 130).
+    """
+    import ray
+
+    cfg = config or DriverConfig()
+    if not store.exists():
+        raise StoreError(f"{store.uri} has no manifest; call store.prepare(spec) first")
+    t0 = time.monotonic()
+    units = list(units)
+    done = store.done_cell_ids()
+    failed_before = store.failed_cell_ids()
+    skip = done if cfg.retry_failed else done | failed_before
+    prior = store.attempts() if failed_before else {}
+    tasks, planned, coords = _plan(units, to_requests, skip, prior)
+    total = sum(planned.values())
+    already = sum(1 for u in units for c in u.cells if c.cell_id in skip)
+    to_run = sum(len(t.requests) for ts in tasks.values() for t in ts)
+
+    with contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            stack.enter_context(ray_session())
+        resources = ray.cluster_resources()
+        use_gpus = cfg.use_gpus if cfg.use_gpus is not None else resources.get("GPU", 0) > 0
+        if use_gpus and resources.get("GPU", 0) < cfg.gpus_per_worker:
+            raise DriverError(
+                f"GPU workers need {cfg.gpus_per_worker} GPUs each; the cluster has "
+                f"{resources.get('GPU', 0)}"
+            )
+        store.start_run(
+            planned=planned,
+            cells_to_run=to_run,
+            cells_already_done=already,
+            ray_address=ray.get_runtime_context().gcs_address,
+            cluster_resources={k: v for k, v in resources.items() if "node:" not in k},
+            driver_config=asdict(cfg),
+        )
+        log.info(
+            "sweep %s: %d cells planned, %d already done, %d to run in %d units",
+            store.name,
+            total,
+            already,
+            to_run,
+            sum(len(t) for t in tasks.values()),
+        )
+        latch = stack.enter_context(_SigintLatch(cfg.handle_sigint))
+        progress = _Progress(total, already, _progress_enabled(cfg), cfg.log_every)
+        run = _Run(store, engine_factory, cfg, coords, progress, latch)
+        status = "failed"
+        try:
+            for model, model_tasks in tasks.items():
+                if latch.stop:
+                    break
+                n_workers = min(_default_workers(cfg, use_gpus, resources), len(model_tasks))
+                try:
+                    run.run_model(model, model_tasks, n_workers, use_gpus)
+                except DriverError as exc:
+                    log.error("%s", exc)
+                    run.errors.append(str(exc))
+                run.flush()
+            status = "interrupted" if latch.stop else "complete"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            log.warning("interrupted; flushing finished cells")
+        finally:
+            progress.close()
+            try:
+                run.flush()
+            finally:
+                remaining = to_run - run.ok - len(run.failed_ids)
+                if status == "complete" and (run.failed_ids or remaining or run.errors):
+                    status = "failed"
+                result = SweepResult(
+                    status=status,
+                    planned=total,
+                    skipped=already,
+                    ok=run.ok,
+                    failed=len(run.failed_ids),
+                    remaining=remaining,
+                    seconds=time.monotonic() - t0,
+                    failed_cell_ids=run.failed_ids,
+                    errors=run.errors,
+                )
+                store.finish_run(
+                    status,
+                    cells_ok=result.ok,
+                    cells_failed=result.failed,
+                    cells_remaining=remaining,
+                    engines=run.engines,
+                    errors=run.errors,
+                )
+    log.info("%s", result.message)
+    return result
