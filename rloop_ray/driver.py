@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
 
@@ -225,10 +225,14 @@ class _Progress:
         self.last_log = self.t0
         self.log_every = log_every
         self.bar = None
+        self._redirect: contextlib.ExitStack | None = None
         if enabled:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="cell", dynamic_ncols=True)
+            self._redirect = contextlib.ExitStack()  # log lines above the bar, not through it
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, n_ok: int, n_failed: int) -> None:
         self.done += n_ok + n_failed
@@ -262,6 +266,8 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            if self._redirect is not None:
+                self._redirect.close()
         else:
             self.log()
 
@@ -344,7 +350,10 @@ class _Run:
             self.flush()
 
     def maybe_flush(self) -> None:
-        if self._oldest is not None and time.monotonic() - self._oldest >= self.config.shard_seconds:
+        if (
+            self._oldest is not None
+            and time.monotonic() - self._oldest >= self.config.shard_seconds
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -367,12 +376,13 @@ class _Run:
 
     def run_model(self, model: str, tasks: list[_Task], n_workers: int, use_gpus: bool) -> None:
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
+        from ray.exceptions import RayError
 
         cfg = self.config
         workers = [
             _Worker(
                 index=i,
+                name=f"w{i}",
                 handle=remote_worker(
                     self.engine_factory,
                     model,
@@ -394,11 +404,12 @@ class _Run:
 
         def dispatch() -> None:
             for w in workers:
-                if w.state == "ready" and w.in_flight == 0 and suspects:
-                    t = suspects.popleft()
-                    pending[w.handle.run_unit.remote(t.requests, t.attempt)] = ("unit", w, t)
-                    w.in_flight += 1
-                    w.suspect_in_flight = True
+                if suspects:  # suspects run alone: let workers drain, then hand them over
+                    if w.state == "ready" and w.in_flight == 0:
+                        t = suspects.popleft()
+                        pending[w.handle.run_unit.remote(t.requests, t.attempt)] = ("unit", w, t)
+                        w.in_flight += 1
+                        w.suspect_in_flight = True
                     continue
                 for _ in range(w.capacity(cfg.max_in_flight)):
                     if not queue:
@@ -421,9 +432,9 @@ class _Run:
                 )
                 self.fail_task(
                     task,
-                    type(exc).__name__,
+                    "WorkerDied",
                     f"the worker died {task.deaths} times while this unit was in flight; "
-                    f"last error: {exc}",
+                    f"last error: {type(exc).__name__}: {exc}",
                 )
             else:
                 suspects.append(task)
@@ -443,13 +454,16 @@ class _Run:
                         pending[w.handle.ready.remote()] = ("probe", w, None)
                 dispatch()
                 live = [w for w in workers if w.state != "dead"]
-                if not queue and not suspects and not any(k == "unit" for k, _, _ in pending.values()):
+                if (
+                    not queue
+                    and not suspects
+                    and not any(k == "unit" for k, _, _ in pending.values())
+                ):
                     return
-                if not live:
+                if not live and not pending:
                     left = sum(len(t.requests) for t in (*queue, *suspects))
                     raise DriverError(f"every worker for model {model} died; {left} cells not run")
-                timeout = min(0.5, max(cfg.shard_seconds, 0.01))
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
                 if ready:
                     rest = [r for r in pending if r not in ready]
                     if rest:
@@ -457,74 +471,80 @@ class _Run:
                         ready.extend(more)
                 for ref in ready:
                     kind, w, task = pending.pop(ref)
-                    try:
-                        value = ray.get(ref)  # ready: does not block
-                    except ActorUnavailableError as exc:
-                        if kind == "unit":
-                            assert task is not None
-                            worker_lost(w, task, exc)
-                        else:  # restarting: look again shortly
-                            w.state = "probing"
-                            w.probe_at = time.monotonic() + 0.5
-                        continue
-                    except ActorDiedError as exc:
-                        if kind == "unit":
-                            assert task is not None
-                            worker_lost(w, task, exc)
-                        else:
-                            self._worker_dead(model, w, kind, exc)
-                        continue
-                    except RayActorError as exc:
-                        if kind == "unit":
-                            assert task is not None
-                            worker_lost(w, task, exc)
-                        else:
-                            w.state = "probing"
-                            w.probe_at = time.monotonic() + 0.5
-                        continue
-                    except RayError as exc:  # task error or lost object: record, do not loop
-                        if kind == "unit":
-                            assert task is not None
-                            w.in_flight -= 1
-                            w.suspect_in_flight = w.suspect_in_flight and not task.suspect
-                            self.fail_task(task, type(exc).__name__, str(exc))
-                        else:
-                            self._worker_dead(model, w, kind, exc)
-                        continue
-                    if kind == "unit":
-                        assert task is not None
-                        w.in_flight -= 1
-                        if task.suspect:
-                            w.suspect_in_flight = False
-                        self.accept(value)
+                    if task is not None:
+                        self._unit_done(ref, w, task, worker_lost)
                     else:
-                        if kind == "probe":
-                            log.info("worker %s is back (pid %s)", value["worker"], value["pid"])
-                        else:
-                            self.engines.setdefault(model, value["engine"])
-                            log.info(
-                                "worker %s ready on node %s, accelerators %s (load %.1fs)",
-                                value["worker"],
-                                (value["node"] or "?")[:8],
-                                value["accelerator_ids"] or "-",
-                                value["load_seconds"],
-                            )
-                        w.name = value["worker"]
-                        w.state = "ready"
+                        self._control_done(ref, model, kind, w)
                 self.maybe_flush()
         finally:
             for w in workers:
                 with contextlib.suppress(RayError, ValueError):
                     ray.kill(w.handle, no_restart=True)
 
-    def _worker_dead(self, model: str, w: _Worker, kind: str, exc: BaseException) -> None:
-        w.state = "dead"
-        what = "could not start" if kind == "ready" else "died for good"
-        msg = f"worker {w.index} for model {model} {what}: {exc}"
-        log.error("%s", msg)
-        if kind == "ready":
-            self.errors.append(msg.splitlines()[0] if len(self.errors) < 3 else "")
-            self.errors = [e for e in self.errors if e]
+    def _unit_done(
+        self, ref: Any, w: _Worker, task: _Task, worker_lost: Callable[..., None]
+    ) -> None:
+        """A unit's result arrived: rows, a dead worker (requeue), or a task error (record)."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        try:
+            rows = ray.get(ref)  # already ready: does not block
+        except RayActorError as exc:  # died, restarting, or unreachable
+            worker_lost(w, task, exc)
+            return
+        except RayError as exc:  # the call itself failed (e.g. result not serialisable)
+            w.in_flight -= 1
+            if task.suspect:
+                w.suspect_in_flight = False
+            self.fail_task(task, type(exc).__name__, str(exc))
+            return
+        w.in_flight -= 1
+        if task.suspect:
+            w.suspect_in_flight = False
+        self.accept(rows)
+
+    def _control_done(self, ref: Any, model: str, kind: str, w: _Worker) -> None:
+        """A `ready` (model load) or `probe` (after a death) answer for worker `w`."""
+        import ray
+        from ray.exceptions import ActorDiedError, RayError
+
+        try:
+            info = ray.get(ref)
+        except ActorDiedError as exc:  # constructor raised, or restarts exhausted
+            w.state = "dead"
+            reason = _last_line(exc)
+            if kind == "ready":
+                msg = f"a worker for model {model} could not start: {reason}"
+            else:
+                msg = f"worker {w.name} for model {model} died for good: {reason}"
+            log.error("%s", msg)
+            if msg not in self.errors:
+                self.errors.append(msg)
+            return
+        except RayError:  # restarting (ActorUnavailableError) or unreachable: look again
+            w.state = "probing"
+            w.probe_at = time.monotonic() + 0.5
+            return
+        if kind == "probe":
+            log.info("worker %s is back (pid %s)", info["worker"], info["pid"])
+        else:
+            self.engines.setdefault(model, info["engine"])
+            log.info(
+                "worker %s ready on node %s, accelerators %s (load %.1fs)",
+                info["worker"],
+                (info["node"] or "?")[:8],
+                ",".join(info["accelerator_ids"]) or "-",
+                info["load_seconds"],
+            )
+        w.name = info["worker"]
+        w.state = "ready"
+
+
+def _last_line(exc: BaseException) -> str:
+    """The informative end of a Ray error (the remote exception), without the traceback."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _plan(
@@ -532,8 +552,12 @@ def _plan(
     to_requests: ToRequests,
     skip: set[str],
     prior_attempts: Mapping[str, int],
+    models: Collection[str] | None = None,
 ) -> tuple[dict[str, list[_Task]], dict[str, int], dict[str, dict[str, Any]]]:
-    """Units -> tasks of only the cells still to run, per model, in the units' order."""
+    """Units -> tasks of only the cells still to run, per model, in the units' order.
+
+    Units of models outside `models` count in the plan (the manifest's planned cells, which
+    `status` reports) but get no tasks."""
     tasks: dict[str, list[_Task]] = {}
     planned: dict[str, int] = {}
     coords: dict[str, dict[str, Any]] = {}
@@ -545,7 +569,7 @@ def _plan(
             if cell.cell_id in seen:
                 raise ValueError(f"cell {cell.cell_id} appears twice in the grid")
             seen.add(cell.cell_id)
-            if cell.cell_id not in skip:
+            if cell.cell_id not in skip and (models is None or unit.model in models):
                 todo[cell.cell_id] = cell
         if not todo:
             continue
@@ -570,11 +594,14 @@ def run_sweep(
     engine_factory: EngineFactory,
     to_requests: ToRequests,
     config: DriverConfig | None = None,
+    *,
+    models: Collection[str] | None = None,
 ) -> SweepResult:
     """Run every cell of `units` not yet done in `store`; resumable at any point.
 
     `store` must be prepared (`ResultStore.prepare`), Ray initialised or it is started
-    here (`ray_session`). Models run one after another, each on its own set of workers.
+    here (`ray_session`). Models run one after another, each on its own set of workers;
+    `models` restricts the run to some of them (the others stay planned, not run).
     Returns a `SweepResult`; its `exit_code` is what the CLI exits with (0, 1, 130).
     """
     import ray
@@ -588,9 +615,20 @@ def run_sweep(
     failed_before = store.failed_cell_ids()
     skip = done if cfg.retry_failed else done | failed_before
     prior = store.attempts() if failed_before else {}
-    tasks, planned, coords = _plan(units, to_requests, skip, prior)
+    if models is not None:
+        unknown = set(models) - {u.model for u in units}
+        if unknown:
+            raise ValueError(f"models {sorted(unknown)} are not in the grid")
+    tasks, planned, coords = _plan(units, to_requests, skip, prior, models)
     total = sum(planned.values())
     already = sum(1 for u in units for c in u.cells if c.cell_id in skip)
+    not_selected = sum(
+        1
+        for u in units
+        if models is not None and u.model not in models
+        for c in u.cells
+        if c.cell_id not in skip
+    )
     to_run = sum(len(t.requests) for ts in tasks.values() for t in ts)
 
     with contextlib.ExitStack() as stack:
@@ -609,6 +647,7 @@ def run_sweep(
             cells_already_done=already,
             ray_address=ray.get_runtime_context().gcs_address,
             cluster_resources={k: v for k, v in resources.items() if "node:" not in k},
+            models=sorted(models) if models is not None else None,
             driver_config=asdict(cfg),
         )
         log.info(
@@ -658,7 +697,7 @@ def run_sweep(
                     errors=run.errors,
                 )
                 store.finish_run(
-                    status,
+                    "partial" if status == "complete" and not_selected else status,
                     cells_ok=result.ok,
                     cells_failed=result.failed,
                     cells_remaining=remaining,

@@ -49,16 +49,20 @@ class NullEngine:
         kill_cells: Iterable[str] = (),
         kill_marker_dir: str | None = None,
         load_seconds: float = 0.0,
+        signal_on: tuple[str, int, int] | None = None,
         **_: Any,
     ) -> None:
         """`kill_cells`: SIGKILL this process when one of these cells comes up. With
         `kill_marker_dir`, each such cell kills only once (a marker file records it), so a
-        restarted worker completes it; without, it kills every time (a poison cell)."""
+        restarted worker completes it; without, it kills every time (a poison cell).
+        `signal_on=(cell_id, pid, signum)`: send a signal to another process (the driver)
+        when that cell runs, to interrupt a sweep at a known point."""
         self.model_name = model_name
         self.fail_cells = frozenset(fail_cells)
         self.kill_cells = frozenset(kill_cells)
         self.kill_marker_dir = kill_marker_dir
         self.sleep_per_cell = sleep_per_cell
+        self.signal_on = signal_on
         if load_seconds:
             time.sleep(load_seconds)
 
@@ -130,6 +134,8 @@ class NullEngine:
         rows = []
         for req in requests:
             self._maybe_kill(req.cell_id)
+            if self.signal_on is not None and req.cell_id == self.signal_on[0]:
+                os.kill(self.signal_on[1], self.signal_on[2])
             if self.sleep_per_cell:
                 time.sleep(self.sleep_per_cell)
             rows.append(self._one(req))

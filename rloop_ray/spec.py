@@ -188,11 +188,9 @@ class LineIndex:
     def line(self, loc: Sequence[str | int]) -> int | None:
         """Line of `loc`, or of its nearest parent that appears in the file."""
         loc = tuple(loc)
-        while loc:
-            if loc in self._lines:
-                return self._lines[loc]
+        while loc and loc not in self._lines:
             loc = loc[:-1]
-        return None
+        return self._lines.get(loc)
 
 
 def read_yaml(path: str | Path) -> tuple[Any, LineIndex]:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +98,20 @@ class ResultSet:
 
     @property
     def n_expected(self) -> int | None:
+        """Cells the sweep plans: `n_cells_total`, else the sum of `planned_cells` (store.py)."""
         for key in TOTAL_KEYS:
             value = self.manifest.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return int(value)
-        return None
+        planned = self.planned_by_model
+        return sum(planned.values()) if planned else None
+
+    @property
+    def planned_by_model(self) -> dict[str, int]:
+        planned = self.manifest.get("planned_cells")
+        if not isinstance(planned, dict):
+            return {}
+        return {str(k): int(v) for k, v in planned.items() if isinstance(v, (int, float))}
 
 
 def _parquet_files(folder: Path) -> list[Path]:
@@ -206,7 +215,10 @@ def load_results(results_dir: str | Path) -> ResultSet:
     if not orphan.empty:
         extra = orphan.copy()
         extra["status"] = "failed"
-        n_unattributed = int(extra["model"].isna().sum()) if "model" in extra else len(extra)
+        located = pd.Series(True, index=extra.index)
+        for col in ("model", "control", "target_group"):
+            located &= extra[col].notna() if col in extra else False
+        n_unattributed = int((~located).sum())
         cells = pd.concat([cells, extra], ignore_index=True) if not cells.empty else extra
 
     has_human = False
@@ -305,7 +317,11 @@ def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
         df.loc[natural, col] = NONE_LABEL
     df.loc[natural, "alpha"] = np.nan
     df["is_natural"] = natural
-    df["attributed"] = df["model"] != NONE_LABEL
+    # A failure known only from failures/ has a model but no grid coordinates.
+    df["attributed"] = (
+        (df["model"] != NONE_LABEL) & (df["control"] != NONE_LABEL)
+        & (df["target_group"] != NONE_LABEL)
+    )
     if df.empty:
         df["point"] = pd.Series(dtype=object)
         df["condition"] = pd.Series(dtype=object)
@@ -332,6 +348,13 @@ def metric_columns(cells: pd.DataFrame) -> list[str]:
         if values.notna().any():
             present.append(col)
     return present
+
+
+def primary_metrics(metrics: Sequence[str]) -> list[str]:
+    """R_V and the behaviour scores: what the findings talk about (PR and effective rank
+    are diagnostics of R_V, kept in the tables)."""
+    main = [m for m in metrics if m == "rv" or m.startswith(SCORE_PREFIX)]
+    return main or list(metrics)
 
 
 def _numeric(cells: pd.DataFrame, metric: str) -> pd.Series:
@@ -417,14 +440,15 @@ def _ncp_for_cdf(t_obs: float, df: float, target: float) -> float:
     """The noncentrality at which P(T <= t_obs) = target (cdf falls as ncp grows)."""
 
     def gap(ncp: float) -> float:
-        return float(stats.nct.cdf(t_obs, df, ncp)) - target
+        # scipy.special.nctdtr is the cdf behind scipy.stats.nct, without its per-call checks
+        return float(special.nctdtr(df, ncp, t_obs)) - target
 
     width = max(5.0, abs(t_obs))
     for _ in range(40):
         low, high = t_obs - width, t_obs + width
         g_low, g_high = gap(low), gap(high)
         if np.isfinite(g_low) and np.isfinite(g_high) and g_low > 0 > g_high:
-            return float(optimize.brentq(gap, low, high, xtol=1e-10))
+            return float(optimize.brentq(gap, low, high, xtol=1e-9))
         width *= 2.0
     return math.nan
 
@@ -474,9 +498,35 @@ def d_z(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(diff) / sd)
 
 
-def _pair(
-    a: pd.DataFrame, b: pd.DataFrame, metric: str, keys: tuple[str, str]
-) -> tuple[np.ndarray, np.ndarray, int] | None:
+@dataclass(frozen=True)
+class Sample:
+    """One condition's cells reduced to what a comparison reads (numpy, not pandas)."""
+
+    values: np.ndarray
+    """The metric of every ok cell (NaN where missing)."""
+    keys: dict[str, np.ndarray]
+    """Pairing columns (`target_id`, `source_id`) of the same ok cells."""
+    n_failed: int
+
+    @classmethod
+    def of(cls, cells: pd.DataFrame, metric: str,
+           key_columns: Sequence[str] = ("target_id", "source_id")) -> Sample:
+        ok = (cells["status"] == "ok").to_numpy()
+        values = _numeric(cells, metric).to_numpy(float)[ok]
+        keys = {k: cells[k].to_numpy(object)[ok] for k in key_columns if k in cells}
+        return cls(values, keys, int((cells["status"] == "failed").sum()))
+
+
+def _key_means(keys: np.ndarray, values: np.ndarray) -> dict[Any, float]:
+    sums: dict[Any, list[float]] = {}
+    for k, v in zip(keys, values, strict=True):
+        if k is None or (isinstance(k, float) and math.isnan(k)) or not np.isfinite(v):
+            continue
+        sums.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _pair(a: Sample, b: Sample, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Values matched by prompt: mean per key on each side, inner join on the keys.
 
     Returns None (an independent design) unless at least 3 keys match and they cover at
@@ -484,20 +534,20 @@ def _pair(
     (several sources, seeds) are averaged: the prompt is the unit of a paired design.
     """
     key_a, key_b = keys
-    if key_a not in a or key_b not in b:
+    if key_a not in a.keys or key_b not in b.keys:
         return None
-    va = pd.DataFrame({"k": a[key_a].astype(object), "v": _numeric(a, metric)}).dropna()
-    vb = pd.DataFrame({"k": b[key_b].astype(object), "v": _numeric(b, metric)}).dropna()
-    if va.empty or vb.empty:
-        return None
-    ma = va.groupby("k")["v"].mean()
-    mb = vb.groupby("k")["v"].mean()
-    common = ma.index.intersection(mb.index)
+    ma = _key_means(a.keys[key_a], a.values)
+    mb = _key_means(b.keys[key_b], b.values)
+    common = sorted(set(ma) & set(mb), key=str)
     if len(common) < 3 or len(common) < 0.5 * min(len(ma), len(mb)):
         return None
-    common = common.sort_values()
-    unpaired = int((~va["k"].isin(common)).sum() + (~vb["k"].isin(common)).sum())
-    return ma.loc[common].to_numpy(), mb.loc[common].to_numpy(), unpaired
+    matched = set(common)
+    unpaired = sum(
+        1 for side, col in ((a, key_a), (b, key_b))
+        for k, v in zip(side.keys[col], side.values, strict=True)
+        if np.isfinite(v) and k not in matched
+    )
+    return (np.array([ma[k] for k in common]), np.array([mb[k] for k in common]), unpaired)
 
 
 def compare_two(
@@ -514,15 +564,23 @@ def compare_two(
     side), otherwise Welch t and pooled Cohen's d. Mann-Whitney (and Wilcoxon when paired)
     as rank-based robustness checks. Failed and NaN cells are counted, never used.
     """
-    ok_a = a[a["status"] == "ok"]
-    ok_b = b[b["status"] == "ok"]
-    xa = _numeric(ok_a, metric)
-    xb = _numeric(ok_b, metric)
+    return compare_samples(Sample.of(a, metric), Sample.of(b, metric), pair_on=pair_on,
+                           confidence=confidence)
+
+
+def compare_samples(
+    a: Sample,
+    b: Sample,
+    *,
+    pair_on: tuple[str, str] | None = ("target_id", "target_id"),
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """`compare_two` on pre-extracted samples (what `compare_conditions` loops over)."""
     out: dict[str, Any] = {
-        "n_failed_a": int((a["status"] == "failed").sum()),
-        "n_failed_b": int((b["status"] == "failed").sum()),
-        "n_nan_a": int(xa.isna().sum()),
-        "n_nan_b": int(xb.isna().sum()),
+        "n_failed_a": a.n_failed,
+        "n_failed_b": b.n_failed,
+        "n_nan_a": int(np.isnan(a.values).sum()),
+        "n_nan_b": int(np.isnan(b.values).sum()),
         "n_pairs": 0,
         "n_unpaired": 0,
         "statistic": math.nan, "df": math.nan, "p": math.nan,
@@ -531,13 +589,13 @@ def compare_two(
         "wilcoxon_statistic": math.nan, "wilcoxon_p": math.nan,
         "note": "",
     }
-    va, vb = xa.dropna().to_numpy(), xb.dropna().to_numpy()
+    va, vb = a.values[np.isfinite(a.values)], b.values[np.isfinite(b.values)]
     notes: list[str] = []
     if len(va) and len(vb) and not (np.ptp(va) == 0 and np.ptp(vb) == 0 and va[0] == vb[0]):
         mw = stats.mannwhitneyu(va, vb, alternative="two-sided")
         out["mw_statistic"], out["mw_p"] = float(mw.statistic), float(mw.pvalue)
 
-    paired = _pair(ok_a, ok_b, metric, pair_on) if pair_on else None
+    paired = _pair(a, b, pair_on) if pair_on else None
     if paired is not None:
         pa_vals, pb_vals, unpaired = paired
         diff = pa_vals - pb_vals
@@ -557,7 +615,7 @@ def compare_two(
             dz = d_z(pa_vals, pb_vals)
             low, high = d_confidence_interval(dz, len(diff), None, confidence)
             out.update(cohens_d=dz, d_ci_low=low, d_ci_high=high)
-            if np.any(diff != 0):
+            if np.count_nonzero(diff) >= 2:
                 wx = stats.wilcoxon(pa_vals, pb_vals)
                 out["wilcoxon_statistic"] = float(wx.statistic)
                 out["wilcoxon_p"] = float(wx.pvalue)
@@ -737,8 +795,12 @@ def compare_conditions(
 ) -> pd.DataFrame:
     """All planned comparisons x metrics, one row each (p_fdr filled by `apply_fdr`)."""
     plans = plan_comparisons(cells, manifest)
+    # Only the columns a comparison reads: slicing the full table (texts, trajectories)
+    # thousands of times is what made this slow.
+    keep = ["model", "condition", "status", "target_id", "source_id", *metrics]
     by_condition = {
-        key: group for key, group in cells[cells["attributed"]].groupby(["model", "condition"])
+        key: {m: Sample.of(group, m) for m in metrics}
+        for key, group in cells.loc[cells["attributed"], keep].groupby(["model", "condition"])
     }
     rows: list[dict[str, Any]] = []
     for plan in plans:
@@ -748,7 +810,8 @@ def compare_conditions(
             c: (math.nan if c == "alpha" else NONE_LABEL) for c in POINT_COLS
         }
         for metric in metrics:
-            result = compare_two(a, b, metric, pair_on=plan.pair_on, confidence=confidence)
+            result = compare_samples(a[metric], b[metric], pair_on=plan.pair_on,
+                                     confidence=confidence)
             rows.append({
                 "comparison": plan.comparison, "metric": metric, "model": plan.model,
                 "a": plan.a_condition, "b": plan.b_condition, **point,
@@ -1008,10 +1071,7 @@ def apply_fdr(
     entries = list(tables)
     chunks = []
     for frame, p_col, _ in entries:
-        values = pd.to_numeric(frame[p_col], errors="coerce").to_numpy(float) if len(frame) else (
-            np.array([], float)
-        )
-        chunks.append(values)
+        chunks.append(pd.to_numeric(frame[p_col], errors="coerce").to_numpy(float))
     if not chunks:
         return 0
     allp = np.concatenate(chunks)
@@ -1082,7 +1142,9 @@ class Completeness:
     n_duplicate_rows: int
     n_recovered: int
     missing_conditions: dict[str, list[str]] = field(default_factory=dict)
-    """Per model, the classic conditions (A, B, C, D) that have no ok cell."""
+    """Per model, the classic conditions (A, B, C, D) the sweep plans but has no ok cell of."""
+    by_model: list[dict[str, Any]] = field(default_factory=list)
+    """Per model: planned (from the manifest, if recorded), done, ok, failed, missing."""
 
     @property
     def partial(self) -> bool:
@@ -1094,11 +1156,39 @@ class Completeness:
             "n_failed": self.n_failed, "n_failed_unattributed": self.n_failed_unattributed,
             "n_missing": self.n_missing, "n_duplicate_rows": self.n_duplicate_rows,
             "n_recovered": self.n_recovered, "partial": self.partial,
-            "missing_conditions": self.missing_conditions,
+            "missing_conditions": self.missing_conditions, "by_model": self.by_model,
         }
 
 
+def expected_letters(spec: dict[str, Any]) -> set[str] | None:
+    """Classic conditions (A-D) a sweep's spec plans, or None if the spec does not say.
+
+    Mirrors spec.py: `prompts.conditions` when given, else natural cells for every target
+    group when `natural` is a control, and patched cells for every cross-group pair when
+    the spec has interventions.
+    """
+    if not isinstance(spec, dict) or not spec:
+        return None
+    prompts = spec.get("prompts") or {}
+    if prompts.get("conditions"):
+        return set(prompts["conditions"])
+    targets = set(prompts.get("target_groups") or [BASELINE])
+    sources = set(prompts.get("source_groups") or [RECURSIVE])
+    controls = set(spec.get("controls") or [NATURAL])
+    out: set[str] = set()
+    if NATURAL in controls:
+        out |= {"A"} if BASELINE in targets else set()
+        out |= {"B"} if RECURSIVE in targets else set()
+    if spec.get("interventions") is not None:
+        if BASELINE in targets and RECURSIVE in sources:
+            out.add("C")
+        if RECURSIVE in targets and BASELINE in sources:
+            out.add("D")
+    return out
+
+
 def completeness(results: ResultSet) -> Completeness:
+    """Done vs planned cells, per sweep and per model, and planned conditions with no data."""
     cells = results.cells
     n_done = int(cells["cell_id"].nunique()) if not cells.empty else 0
     n_ok = int((cells["status"] == "ok").sum()) if not cells.empty else 0
@@ -1106,18 +1196,32 @@ def completeness(results: ResultSet) -> Completeness:
     expected = results.n_expected
     missing = None if expected is None else max(expected - n_done, 0)
     absent: dict[str, list[str]] = {}
-    if not cells.empty:
-        ok = cells[(cells["status"] == "ok") & cells["attributed"]]
-        for model in sorted(cells.loc[cells["attributed"], "model"].unique()):
-            letters = set(ok.loc[ok["model"] == model, "letter"])
-            gone = [x for x in "ABCD" if x not in letters]
-            if gone:
-                absent[model] = gone
+    by_model: list[dict[str, Any]] = []
+    planned = results.planned_by_model
+    models = sorted(set(planned) | set(cells.loc[cells["model"] != NONE_LABEL, "model"])
+                    ) if not cells.empty else sorted(planned)
+    wanted = expected_letters(results.manifest.get("spec") or {})
+    for model in models:
+        mine = cells[cells["model"] == model] if not cells.empty else cells
+        done = int(mine["cell_id"].nunique()) if not mine.empty else 0
+        ok_n = int((mine["status"] == "ok").sum()) if not mine.empty else 0
+        plan = planned.get(model)
+        by_model.append({"model": model, "planned": plan, "done": done, "ok": ok_n,
+                         "failed": done - ok_n,
+                         "missing": None if plan is None else max(plan - done, 0)})
+        located = mine[mine["attributed"]] if not mine.empty else mine
+        seen_any = set(located["letter"]) if not located.empty else set()
+        seen_ok = set(located.loc[located["status"] == "ok", "letter"]) if not located.empty \
+            else set()
+        want = wanted if wanted is not None else seen_any
+        gone = [x for x in "ABCD" if x in want and x not in seen_ok]
+        if gone:
+            absent[model] = gone
     return Completeness(
         n_expected=expected, n_done=n_done, n_ok=n_ok, n_failed=n_failed,
         n_failed_unattributed=results.n_failed_unattributed, n_missing=missing,
         n_duplicate_rows=results.n_duplicate_rows, n_recovered=results.n_recovered,
-        missing_conditions=absent,
+        missing_conditions=absent, by_model=by_model,
     )
 
 
@@ -1387,7 +1491,7 @@ def derive_notes(result: StatsResult) -> list[Note]:
             notes.append(Note("nan", (
                 f"R_V is missing for {n_nan} ok cells ({detail}); they count in n_nan."
             ), "warning"))
-        low = cond[(cond["n_valid"] < 5) & (cond["metric"] == result.metrics[0])]
+        low = cond[(cond["n_valid"] < 5) & (cond["metric"] == "rv")]
         if len(low):
             notes.append(Note("low_n", (
                 f"{len(low)} condition(s) have fewer than 5 valid cells; their intervals are "
@@ -1413,7 +1517,8 @@ def derive_notes(result: StatsResult) -> list[Note]:
 
 def _transplant_notes(result: StatsResult) -> list[Note]:
     cmp = result.comparisons
-    src = cmp[cmp["comparison"] == "source_natural"]
+    src = cmp[(cmp["comparison"] == "source_natural")
+              & cmp["metric"].isin(primary_metrics(result.metrics))]
     if src.empty:
         return []
     notes = [Note("transplant_all", (
@@ -1424,15 +1529,22 @@ def _transplant_notes(result: StatsResult) -> list[Note]:
         "not against the target's."
     ), "warning")]
     lines = []
-    for _, row in src.iterrows():
-        same = not (row["p_fdr"] < result.q) if np.isfinite(row["p_fdr"]) else None
-        verdict = ("not distinguishable from" if same else
-                   "different from" if same is False else "not testable against")
-        lines.append(
-            f"{row['model']}, {row['metric']}: '{row['a']}' = {_fmt(row['mean_a'])} vs "
-            f"'{row['b']}' = {_fmt(row['mean_b'])} (d={_fmt(row['cohens_d'], 2)}, "
-            f"p_fdr={_fmt_p(row['p_fdr'])}): {verdict} the source-natural condition."
-        )
+    for (model, a, b), sub in src.groupby(["model", "a", "b"], sort=True):
+        same = sub[np.isfinite(sub["p_fdr"]) & ~(sub["p_fdr"] < result.q)]
+        diff = sub[sub["p_fdr"] < result.q]
+        text = f"{model}, '{a}' vs source-natural '{b}':"
+        if len(same):
+            text += f" not distinguishable on {', '.join(same['metric'])}"
+            text += (" (it behaves like the source prompt continued);" if len(diff) else
+                     " (it behaves like the source prompt continued).")
+        if len(diff):
+            parts = [f"{r['metric']} {_fmt(r['mean_a'])} vs {_fmt(r['mean_b'])} "
+                     f"(d={_fmt(r['cohens_d'], 2)}, p_fdr={_fmt_p(r['p_fdr'])})"
+                     for _, r in diff.iterrows()]
+            text += " different on " + "; ".join(parts) + "."
+        if not len(same) and not len(diff):
+            text += " not testable (too few cells)."
+        lines.append(text)
     notes.append(Note("transplant_all", _capped(lines, 8)))
     return notes
 
@@ -1442,9 +1554,11 @@ def _control_notes(result: StatsResult) -> list[Note]:
     cmp = result.comparisons
     q = result.q
     notes: list[Note] = []
-    vs_patch = cmp[cmp["comparison"].str.startswith("control_vs_patch:")]
-    effect = cmp.set_index(["model", "a", "metric"])
+    vs_patch = cmp[cmp["comparison"].str.startswith("control_vs_patch:")
+                   & cmp["metric"].isin(primary_metrics(result.metrics))]
+    effect = cmp.set_index(["model", "a", "metric"]).sort_index()
     lines_by_control: dict[str, list[str]] = {}
+    moved_alone: dict[str, list[str]] = {}
     for _, row in vs_patch.iterrows():
         ctrl = row["control"]
         if ctrl == "self":
@@ -1457,25 +1571,36 @@ def _control_notes(result: StatsResult) -> list[Note]:
         pe = _first_effect(effect.loc[key_patch], ("sufficiency", "necessity", "patch_effect"))
         if ce is None or pe is None:
             continue
-        moved = (ce["p_fdr"] < q) or (pe["p_fdr"] < q)
-        same = (not (row["p_fdr"] < q)) or _ci_overlap(
-            ce["d_ci_low"], ce["d_ci_high"], pe["d_ci_low"], pe["d_ci_high"]
+        patch_sig, ctrl_sig = bool(pe["p_fdr"] < q), bool(ce["p_fdr"] < q)
+        if np.isfinite(row["p_fdr"]):
+            same = not (row["p_fdr"] < q)
+            how = f"{ctrl} vs patch p_fdr={_fmt_p(row['p_fdr'])}"
+        else:
+            same = _ci_overlap(ce["d_ci_low"], ce["d_ci_high"], pe["d_ci_low"], pe["d_ci_high"])
+            how = "no direct test; the effect-size intervals overlap"
+        detail = (
+            f"{row['model']}, {row['metric']} at {_point_of(row)}: {ctrl} d="
+            f"{_fmt(ce['cohens_d'], 2)} [{_fmt(ce['d_ci_low'], 2)}, {_fmt(ce['d_ci_high'], 2)}]"
+            f" (p_fdr={_fmt_p(ce['p_fdr'])}) vs patch d={_fmt(pe['cohens_d'], 2)} "
+            f"[{_fmt(pe['d_ci_low'], 2)}, {_fmt(pe['d_ci_high'], 2)}], {how}."
         )
-        if moved and same and np.isfinite(row["p"]):
-            lines_by_control.setdefault(ctrl, []).append(
-                f"{row['model']}, {row['metric']} at {_point_of(row)}: {ctrl} d="
-                f"{_fmt(ce['cohens_d'], 2)} [{_fmt(ce['d_ci_low'], 2)}, "
-                f"{_fmt(ce['d_ci_high'], 2)}] vs patch d={_fmt(pe['cohens_d'], 2)} "
-                f"[{_fmt(pe['d_ci_low'], 2)}, {_fmt(pe['d_ci_high'], 2)}], {ctrl} vs patch "
-                f"p_fdr={_fmt_p(row['p_fdr'])}."
-            )
+        if patch_sig and same:
+            lines_by_control.setdefault(ctrl, []).append(detail)
+        elif ctrl_sig and not patch_sig:
+            moved_alone.setdefault(ctrl, []).append(detail)
     for ctrl, lines in sorted(lines_by_control.items()):
         notes.append(Note("control_as_large", (
-            f"The '{ctrl}' control moved the metric as much as the patch did (effect intervals "
-            f"overlap or control vs patch not significant), so there the patch effect is not "
-            f"specific to the source's content: " + _capped(lines)
+            f"The '{ctrl}' control moved the metric as much as the patch did (the control's "
+            f"cells are not significantly different from the patched cells), so there the "
+            f"patch effect is not specific to the source's content: " + _capped(lines)
         ), "warning"))
-    selfc = cmp[cmp["comparison"] == "control:self"]
+    for ctrl, lines in sorted(moved_alone.items()):
+        notes.append(Note("control_moved", (
+            f"The '{ctrl}' control moved the metric although the patch did not: any foreign "
+            f"or perturbed cache disturbs the target there. " + _capped(lines)
+        ), "warning"))
+    selfc = cmp[(cmp["comparison"] == "control:self")
+                & cmp["metric"].isin(primary_metrics(result.metrics))]
     if not selfc.empty:
         bad = selfc[selfc["p_fdr"] < q]
         if len(bad):
@@ -1493,7 +1618,9 @@ def _control_notes(result: StatsResult) -> list[Note]:
     return notes
 
 
-def _first_effect(block: pd.DataFrame | pd.Series, names: str | tuple[str, ...]) -> pd.Series | None:
+def _first_effect(
+    block: pd.DataFrame | pd.Series, names: str | tuple[str, ...]
+) -> pd.Series | None:
     frame = block.to_frame().T if isinstance(block, pd.Series) else block
     wanted = (names,) if isinstance(names, str) else names
     hit = frame[frame["comparison"].isin(wanted)]
@@ -1512,23 +1639,29 @@ def _transfer_notes(result: StatsResult) -> list[Note]:
     cmp = result.comparisons
     group = cmp[(cmp["comparison"] == "group_effect") & cmp["a"].str.startswith("B:")
                 & cmp["b"].str.startswith("A:")]
+    flat: dict[str, list[str]] = {}
+    main = primary_metrics(result.metrics)
     for _, row in group.iterrows():
-        if not (row["p_fdr"] < result.q):
-            notes.append(Note("transfer_denominator", (
-                f"{row['model']}, {row['metric']}: recursive and baseline natural cells do not "
-                f"differ (p_fdr={_fmt_p(row['p_fdr'])}), so transfer efficiency (C-A)/(B-A) "
-                f"divides by a gap indistinguishable from zero and is not interpretable."
-            ), "warning"))
-    best = tr[np.isfinite(tr["efficiency"])]
+        if row["metric"] in main and not (row["p_fdr"] < result.q):
+            flat.setdefault(row["model"], []).append(row["metric"])
+    for model, metrics in sorted(flat.items()):
+        notes.append(Note("transfer_denominator", (
+            f"{model}: recursive and baseline natural cells do not differ significantly on "
+            f"{', '.join(metrics)}, so transfer efficiency (C-A)/(B-A) for these divides by a "
+            f"gap indistinguishable from zero and is not interpretable."
+        ), "warning"))
+    best = tr[np.isfinite(tr["efficiency"].astype(float))]
     for (model, metric), sub in best.groupby(["model", "metric"], sort=True):
+        if metric not in main or metric in flat.get(model, []):
+            continue
         top = sub.loc[sub["efficiency"].idxmax()]
         notes.append(Note("transfer", (
             f"{model}, {metric}: transfer efficiency ranges {_fmt(sub['efficiency'].min(), 2)}"
             f" to {_fmt(sub['efficiency'].max(), 2)} over {len(sub)} intervention point(s); "
             f"highest at {top['point']} ({_fmt(top['efficiency'], 2)}, 95% CI "
             f"[{_fmt(top['eff_ci_low'], 2)}, {_fmt(top['eff_ci_high'], 2)}])"
-            + (" — a whole-cache transplant, see the note above." if top["transplant_all"]
-               else ".")
+            + (" -- a whole-cache transplant, see the note on transplants." if
+               top["transplant_all"] else ".")
         )))
     return notes
 
@@ -1537,6 +1670,7 @@ def _dose_notes(result: StatsResult) -> list[Note]:
     dose = result.dose
     if dose.empty:
         return []
+    dose = dose[dose["metric"].isin(primary_metrics(result.metrics))]
     sig = dose[dose["p_fdr"] < result.q]
     lines = [f"{r['model']}, {r['metric']} vs {r['factor']} ({r['scope']}): rho="
              f"{_fmt(r['rho'], 2)}, p_fdr={_fmt_p(r['p_fdr'])}, n={r['n']}."
@@ -1567,11 +1701,6 @@ def _model_notes(result: StatsResult) -> list[Note]:
     ))]
 
 
-def is_present(values: Iterable[Any]) -> bool:
-    """True if any value is a finite number (used by figures to skip empty plots)."""
-    return any(isinstance(v, (int, float)) and np.isfinite(v) for v in values)
-
-
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -1582,5 +1711,3 @@ def spec_sort_key(spec: str) -> tuple[float, float, str]:
     second = nums[1] if len(nums) > 1 else first
     return (first, second, str(spec))
 
-
-StatFn = Callable[[np.ndarray], float]

@@ -114,6 +114,10 @@ ENGINE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("score_technical", pa.float64()),
     pa.field("score_logprob_contrast", pa.float64()),
     pa.field("engine_seconds", pa.float64()),
+    pa.field("generate_seconds", pa.float64()),
+    pa.field("rv_window", pa.int64()),
+    pa.field("rv_centered", pa.bool_()),
+    pa.field("rv_prompt_status", pa.string()),
 )
 
 CELL_SCHEMA = pa.schema(COORDINATE_FIELDS + RUNNER_FIELDS + ENGINE_FIELDS)
@@ -380,15 +384,16 @@ class ResultStore:
         resume: bool = False,
         overwrite: bool = False,
         spec_file: str | None = None,
+        digest: str | None = None,
     ) -> dict[str, Any]:
         """Make the directory ready for a sweep of `spec` and return its manifest.
 
         New directory: write a fresh manifest. Existing one: `resume` continues it (the spec
         hash must match), `overwrite` deletes it first, neither is refused. The refusals say
         how to start a new sweep instead, because silently mixing two grids in one table is
-        the failure this guard exists for.
+        the failure this guard exists for. `digest` overrides the hash (`SweepSpec.spec_hash`).
         """
-        digest = spec_hash(spec)
+        digest = digest or spec_hash(spec)
         if self.exists():
             if overwrite:
                 log.warning("overwriting existing sweep %s", self.uri)
@@ -433,13 +438,15 @@ class ResultStore:
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "host": socket.gethostname(),
+            "driver_pid": os.getpid(),
             "argv": sys.argv,
             "versions": package_versions(),
             **git_state(),
             **info,
         }
         manifest["runs"] = [*manifest.get("runs", []), run]
-        manifest["planned_cells"] = dict(planned)
+        # Merged, not replaced: a run restricted to some models keeps the others' plan.
+        manifest["planned_cells"] = {**(manifest.get("planned_cells") or {}), **planned}
         manifest["status"] = "running"
         manifest.setdefault("started_at", run["started_at"])
         manifest["finished_at"] = None
@@ -501,14 +508,16 @@ class ResultStore:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
         return ds.dataset(files, format="parquet", filesystem=self.fs, schema=unified)
 
-    def read_cells(
-        self, columns: Sequence[str] | None = None, *, dedupe: bool = True
-    ) -> pa.Table:
+    def read_cells(self, columns: Sequence[str] | None = None, *, dedupe: bool = True) -> pa.Table:
         """The cells table, one row per cell_id unless `dedupe=False` (every attempt)."""
         dataset = self._dataset(CELLS_DIR, CELL_SCHEMA)
         if dataset is None:
-            empty = CELL_SCHEMA if columns is None else pa.schema(
-                [CELL_SCHEMA.field(c) for c in columns if CELL_SCHEMA.get_field_index(c) >= 0]
+            empty = (
+                CELL_SCHEMA
+                if columns is None
+                else pa.schema(
+                    [CELL_SCHEMA.field(c) for c in columns if CELL_SCHEMA.get_field_index(c) >= 0]
+                )
             )
             return empty.empty_table()
         cols = None
@@ -562,6 +571,4 @@ class ResultStore:
             bucket = done if status == "ok" else failed
             bucket[model] = bucket.get(model, 0) + 1
         models = list(dict.fromkeys([*planned, *done, *failed]))
-        return [
-            ModelCounts(m, planned.get(m), done.get(m, 0), failed.get(m, 0)) for m in models
-        ]
+        return [ModelCounts(m, planned.get(m), done.get(m, 0), failed.get(m, 0)) for m in models]

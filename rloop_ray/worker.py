@@ -100,10 +100,8 @@ class ModelWorker:
         try:
             rows = self.engine.run(list(requests))
             if len(rows) != len(requests):
-                raise RuntimeError(
-                    f"engine returned {len(rows)} rows for {len(requests)} requests"
-                )
-        except Exception as exc:  # noqa: BLE001 - the engine broke its never-raise contract
+                raise RuntimeError(f"engine returned {len(rows)} rows for {len(requests)} requests")
+        except Exception as exc:  # the engine broke its never-raise contract
             log.exception("engine raised on a unit of %d cells", len(requests))
             rows = failed_rows(requests, type(exc).__name__, traceback.format_exc())
         seconds = (time.perf_counter() - t0) / max(len(requests), 1)
@@ -123,10 +121,6 @@ class ModelWorker:
             merged.setdefault("status", "ok")
             out.append(merged)
         return out
-
-    def pid_(self) -> int:
-        """The process id (fault tests kill it)."""
-        return self.pid
 
 
 def remote_worker(
@@ -156,3 +150,28 @@ def remote_worker(
         max_task_retries=0,
         name=None,
     ).remote(engine_factory, model, index)
+
+
+class SpecEngineFactory:
+    """Picklable `model id -> engine.Engine` built from the grid's model table.
+
+    The device is decided on the worker, not the driver: a replica that Ray gave a GPU
+    (CUDA_VISIBLE_DEVICES already narrowed to it) loads on `cuda`, a CPU replica on `cpu`,
+    and a model with `device_map` (spread over several GPUs) keeps it.
+    """
+
+    def __init__(self, models: dict[str, dict[str, Any]]) -> None:
+        """`models`: model id -> {"name_or_path": ..., plus `Engine` keyword arguments}."""
+        self.models = {k: dict(v) for k, v in models.items()}
+
+    def __call__(self, model: str) -> EngineLike:
+        from rloop_ray.engine import Engine
+
+        if model not in self.models:
+            raise KeyError(f"unknown model {model!r}; the sweep has {sorted(self.models)}")
+        kwargs = dict(self.models[model])
+        path = kwargs.pop("name_or_path", None) or model
+        if not kwargs.get("device_map"):
+            kwargs.pop("device_map", None)
+            kwargs.setdefault("device", "cuda" if _runtime_ids()["accelerator_ids"] else "cpu")
+        return Engine(path, **kwargs)

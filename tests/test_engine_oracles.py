@@ -53,11 +53,14 @@ def natural(cid: str = "nat", target: str = TARGET, **kw) -> CellRequest:
 
 
 def hf_greedy(engine: Engine, ids: list[int], n_new: int = N_NEW) -> list[int]:
-    """Plain transformers generate (its own cache classes and masks): the reference."""
-    x = torch.tensor([ids])
-    out = engine.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
-                                min_new_tokens=n_new, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    """Reference: a full forward over the whole sequence at every step, no cache at all
+    (transformers' own masks, sliding windows included), argmax, EOS not special."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = engine.model(input_ids=torch.tensor([seq])).logits
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(ids):]
 
 
 def equal_length_pair(engine: Engine) -> tuple[str, str]:

@@ -1,3 +1,232 @@
-"""CLI commands: sweep (to be filled)."""
+"""`rloop-ray sweep` runs a grid on Ray into `results/<name>/`; `rloop-ray status` reports it.
 
-from rloop_ray.cli._app import app  # noqa: F401
+The commands only translate flags: the grid comes from `grid.load_grid`, the run from
+`driver.run_sweep`, the bookkeeping from `store.ResultStore`. Heavy imports (ray, pyarrow,
+the grid) stay inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from rloop_ray.cli._app import app
+
+if TYPE_CHECKING:
+    from rloop_ray.grid import Grid
+
+
+def _split_models(values: list[str] | None) -> list[str] | None:
+    """`--model a --model b` and `--models a,b` both give ["a", "b"]."""
+    if not values:
+        return None
+    out = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    return out or None
+
+
+def _engine_models(grid: Grid) -> dict[str, dict[str, Any]]:
+    """Model id -> `Engine` arguments, from the grid's model table and resources."""
+    batch = grid.spec.resources.batch_size
+    return {
+        m.id: {
+            "name_or_path": m.name_or_path or m.id,
+            "dtype": m.dtype,
+            "chat_template": m.chat_template,
+            "trust_remote_code": m.trust_remote_code,
+            "revision": m.revision,
+            "device_map": m.device_map,
+            "max_batch_size": batch,
+        }
+        for m in grid.models
+    }
+
+
+def _join(results_dir: str, name: str) -> str:
+    return f"{results_dir.rstrip('/')}/{name}"
+
+
+@app.command()
+def sweep(
+    grid_file: Annotated[str, typer.Argument(metavar="GRID.yaml", help="The grid to run.")],
+    resume: Annotated[
+        bool, typer.Option(help="Continue results/<name>: run only the cells not done yet.")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep directory name (default: the grid's `name`).")
+    ] = None,
+    results_dir: Annotated[
+        str, typer.Option(help="Where sweep directories live (a path or a pyarrow URI).")
+    ] = "results",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Join a Ray cluster: `auto` or `ray://host:10001`. Default: local."),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "--models",
+            help="Run only these models (repeat or comma-separate; ids of the grid, or any "
+            "other model name to run the grid on it).",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Replicas per model (default: one per GPU).")
+    ] = None,
+    num_gpus: Annotated[
+        int | None, typer.Option(min=0, help="GPUs of the local Ray cluster (no --address).")
+    ] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(min=1, help="CPUs of the local Ray cluster (no --address).")
+    ] = None,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.0, help="CPUs per replica.")] = 1.0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete an existing results/<name> and start over.")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="On --resume, run cells that failed before again.")
+    ] = True,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard (max).")] = 5000,
+    shard_seconds: Annotated[
+        float, typer.Option(min=0.0, help="Write a shard at least this often.")
+    ] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run every cell of GRID.yaml (resumable; Ctrl-C stops cleanly).
+
+    Exit code: 0 all cells ok, 1 some cells failed (reasons in failures/), 2 bad input,
+    130 interrupted (continue with --resume).
+    """
+    from rloop_ray.driver import DriverConfig, DriverError, ray_session, run_sweep
+    from rloop_ray.grid import load_grid
+    from rloop_ray.spec import SpecValidationError
+    from rloop_ray.store import ResultStore, StoreError
+    from rloop_ray.worker import SpecEngineFactory
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        grid = load_grid(grid_file, models_override=_split_models(model))
+    except SpecValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    spec = grid.spec
+    if not grid.units:
+        typer.echo(f"error: {grid_file}: the grid expands to no cells", err=True)
+        raise typer.Exit(2)
+    if address and (num_gpus is not None or num_cpus is not None):
+        typer.echo("warning: --num-gpus/--num-cpus size a local cluster; ignored with --address")
+    store = ResultStore(_join(results_dir, name or spec.name))
+    try:
+        store.prepare(
+            spec.model_dump(mode="json"),
+            resume=resume,
+            overwrite=overwrite,
+            spec_file=os.fspath(grid_file),
+            digest=spec.spec_hash(),
+        )
+    except StoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+    res = spec.resources
+    gpus = res.gpus_per_replica
+    config = DriverConfig(
+        workers=workers or res.replicas,
+        use_gpus=None if gpus is None else gpus > 0,
+        gpus_per_worker=gpus or 1.0,
+        cpus_per_worker=cpus_per_worker,
+        max_in_flight=res.max_units_in_flight_per_worker,
+        shard_rows=shard_rows,
+        shard_seconds=shard_seconds,
+        retry_failed=retry_failed,
+    )
+    texts = grid.prompt_texts()
+    typer.echo(
+        f"sweep {spec.name} -> {store.uri}: {len(grid.cells)} cells in {len(grid.units)} "
+        f"units, models {', '.join(m.id for m in grid.models)}"
+    )
+    try:
+        with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus):
+            result = run_sweep(
+                grid.units,
+                store,
+                SpecEngineFactory(_engine_models(grid)),
+                lambda unit: unit.requests(texts),
+                config,
+            )
+    except DriverError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(result.message)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def status(
+    sweep_dir: Annotated[str, typer.Argument(metavar="results/<name>", help="A sweep directory.")],
+) -> None:
+    """Done / failed / remaining cells per model of a sweep, and its last run."""
+    from rloop_ray.store import ResultStore, StoreError
+
+    store = ResultStore(sweep_dir)
+    try:
+        manifest = store.read_manifest()
+        counts = store.counts()
+    except StoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(
+        f"sweep {manifest.get('name')}  status {manifest.get('status')}  "
+        f"spec {str(manifest.get('spec_hash'))[:16]}  git {str(manifest.get('git_sha'))[:10]}"
+    )
+    runs = manifest.get("runs") or []
+    if runs:
+        last = runs[-1]
+        typer.echo(
+            f"runs {len(runs)}; last started {last.get('started_at')} on {last.get('host')}, "
+            f"finished {last.get('finished_at') or '-'} ({last.get('status')})"
+        )
+        if last.get("status") == "running":
+            typer.echo(
+                f"the last run is still going, or its driver (pid {last.get('driver_pid')}) "
+                f"died without closing it; `rloop-ray sweep ... --resume` continues it"
+            )
+    header = ("model", "planned", "done", "failed", "remaining")
+    table = [header] + [
+        (
+            c.model,
+            "?" if c.planned is None else str(c.planned),
+            str(c.done),
+            str(c.failed),
+            "?" if c.remaining is None else str(c.remaining),
+        )
+        for c in counts
+    ]
+    if len(table) > 1:
+        total_planned = sum(c.planned or 0 for c in counts)
+        table.append(
+            (
+                "total",
+                str(total_planned),
+                str(sum(c.done for c in counts)),
+                str(sum(c.failed for c in counts)),
+                str(sum(c.remaining or 0 for c in counts)),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    failed = sum(c.failed for c in counts)
+    if failed:
+        typer.echo(f"{failed} cells failed; reasons in {store.uri}/failures/ (--resume retries)")

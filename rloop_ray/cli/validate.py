@@ -1,3 +1,139 @@
-"""CLI commands: validate (to be filled)."""
+"""`rloop-ray validate`: check a grid file end to end before any GPU time is spent.
 
-from rloop_ray.cli._app import app  # noqa: F401
+It loads the spec, the prompt bank and each model's config (never weights), expands the
+grid, and prints counts and the layer indices every layer spec resolves to on each
+model. It starts no Ray and writes nothing. Any problem is one message on stderr and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from rloop_ray.cli._app import app
+
+if TYPE_CHECKING:
+    from rloop_ray.grid import Grid, ModelReport
+
+EXIT_INVALID = 2
+"""Exit code of an invalid grid (typer's own usage errors also exit 2)."""
+
+
+def split_models(values: Sequence[str] | None) -> list[str] | None:
+    """`--model a --model b,c` -> `["a", "b", "c"]`; None when no option was given."""
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",")]
+    if any(not n for n in names):
+        raise typer.BadParameter(f"empty model name in {list(values)!r}",
+                                 param_hint="--model")
+    return names
+
+
+def _indices(layers: list[int]) -> str:
+    """[0, 1, 2, 7] -> "0-2,7 (4 layers)"."""
+    runs: list[list[int]] = []
+    for x in layers:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    parts = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs]
+    n = len(layers)
+    return f"{','.join(parts)} ({n} layer{'s' if n != 1 else ''})"
+
+
+def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str]) -> list[str]:
+    spec = grid.spec
+    p = spec.prompts
+    lines = [f"grid {spec.source}: {spec.name} (version {spec.version})"]
+    if spec.description:
+        lines.append(f"  {spec.description.strip()}")
+    lines.append(f"  re-tests: {', '.join(spec.retests) if spec.retests else '(none named)'}")
+    lines.append(f"  spec hash: {spec.spec_hash()[:16]}")
+    lines.append(f"  prompts: {grid.bank_root} ({len(grid.prompts)} used)")
+    design = f"conditions {', '.join(p.conditions)}" if p.conditions else (
+        f"targets {', '.join(p.effective_target_groups())} <- sources "
+        f"{', '.join(p.effective_source_groups())}")
+    levels = f", levels {p.levels}" if p.levels else ""
+    lines.append(f"  pairing: {p.pairing}, {design}{levels}, seed {p.seed}")
+    axes = spec.interventions
+    if axes is None:
+        lines.append("  interventions: none (natural runs only)")
+    else:
+        sizes = " x ".join(f"{k} {len(getattr(axes, k))}"
+                           for k in ("site", "layers", "tokens", "align", "alpha", "mode"))
+        lines.append(f"  interventions: {sizes}")
+    lines.append(f"  controls: {', '.join(spec.controls) or '(none)'}")
+    g = spec.generation
+    lines.append(f"  generation: {g.max_new_tokens} new tokens, temperature {g.temperature}, "
+                 f"{g.n_samples} sample(s)")
+    counts = grid.counts()
+    for model in grid.models:
+        c = counts[model.id]
+        rep = next((r for r in reports or [] if r.model == model.id), None)
+        head = f"model {model.id}"
+        if model.name_or_path != model.id:
+            head += f" ({model.name_or_path})"
+        if rep is not None:
+            head += f": {rep.n_layers} layers"
+            if rep.max_position_embeddings:
+                head += f", max positions {rep.max_position_embeddings}"
+        lines.append(head)
+        lines.append(f"  {c['cells']} cells in {c['units']} work units")
+        if rep is None:
+            continue
+        width = max((len(s) for s in rep.layers), default=0)
+        for lspec, idx in rep.layers.items():
+            lines.append(f"  layers {lspec:<{width}} -> {_indices(idx)}")
+        lines.append(f"  R_V layers: early {spec.measure.early_layer} -> {rep.early_layer}, "
+                     f"late {spec.measure.late_layer} -> {rep.late_layer}")
+        for tspec, summary in rep.tokens.items():
+            lines.append(f"  tokens {tspec}: {summary}")
+        lines += [f"  warning: {w}" for w in rep.warnings]
+    lines += [f"warning: {w}" for w in warnings]
+    lines.append(f"total: {len(grid.cells)} cells in {len(grid.units)} work units over "
+                 f"{len(grid.models)} model(s)")
+    if reports is None:
+        lines.append("model configs not checked (--skip-model-check)")
+    return lines
+
+
+@app.command()
+def validate(
+    grid: Annotated[Path, typer.Argument(help="The grid YAML file.", show_default=False)],
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "--models", "-m",
+                     help="Run the grid on these models instead of its own (repeat or "
+                          "comma-separate): a model id of the grid, a builtin name "
+                          "(smollm2-135m), a hub id or a local path."),
+    ] = None,
+    skip_model_check: Annotated[
+        bool,
+        typer.Option("--skip-model-check",
+                     help="Do not read model configs (offline, unknown models)."),
+    ] = False,
+) -> None:
+    """Expand GRID, count cells and units per model and check layer and token specs against
+    each model's config (no weights, no Ray, nothing written). Exit code 2 if invalid.
+
+    Example: rloop-ray validate sweeps/quickstart.yaml --model tiny-llama
+    """
+    from rloop_ray.grid import build_grid, check_models, grid_warnings
+    from rloop_ray.spec import SpecValidationError, load_spec
+
+    try:
+        spec = load_spec(grid)
+        built = build_grid(spec, models_override=split_models(model))
+        reports = None if skip_model_check else check_models(built)
+    except SpecValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    for line in _describe(built, reports, grid_warnings(built)):
+        typer.echo(line)
+    typer.echo("OK")
