@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
+    "A10G_BYTES",
     "CUDA_CONTEXT_BYTES",
     "DTYPE_BYTES",
     "GiB",
@@ -55,8 +56,9 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 CUDA_CONTEXT_BYTES = 768 * MiB
 """What a process loses on each GPU before its first tensor (CUDA context, cuBLAS
-workspace, allocator slack). Rough on purpose; only `gpus_per_replica` uses it, because
-`choose_batch_size` is given memory measured after the model is loaded."""
+workspace, allocator slack). Rough on purpose; only the planning helpers
+(`gpus_per_replica`, `reference_table`) use it, because `choose_batch_size` is given
+memory measured after the model is loaded."""
 
 SCORED_TOKENS = 32
 """Positions whose logits one row may hold at once: the teacher-forced continuations of

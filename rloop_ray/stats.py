@@ -382,6 +382,8 @@ def _nan_reasons(ok_rows: pd.DataFrame, metric: str, missing: pd.Series) -> str:
         return ""
     if metric in GEOMETRY_METRICS and "rv_status" in ok_rows:
         reasons = ok_rows.loc[missing, "rv_status"].fillna("no reason recorded").astype(str)
+    elif metric == "score_human":
+        reasons = pd.Series(["not rated"] * int(missing.sum()))
     else:
         reasons = pd.Series(["no reason recorded"] * int(missing.sum()))
     counts = reasons.value_counts()

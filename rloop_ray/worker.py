@@ -37,15 +37,18 @@ EngineFactory = Callable[[str], EngineLike]
 
 def _runtime_ids() -> dict[str, Any]:
     """Where this process runs: actor id, node id and the accelerators Ray assigned."""
+    local: dict[str, Any] = {"actor_id": None, "node_id": None, "accelerator_ids": []}
     try:
         import ray
 
+        if not ray.is_initialized():  # outside Ray (tests, debug): asking would start Ray
+            return local
         ctx = ray.get_runtime_context()
         actor_id = ctx.get_actor_id()
         node_id = ctx.get_node_id()
         accel = ctx.get_accelerator_ids()
-    except (ImportError, RuntimeError, AttributeError):  # used outside Ray (tests, debug)
-        return {"actor_id": None, "node_id": None, "accelerator_ids": []}
+    except ImportError:
+        return local
     return {
         "actor_id": actor_id,
         "node_id": node_id,

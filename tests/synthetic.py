@@ -140,8 +140,12 @@ def make_sweep(
         row["unit_id"] = _cell_id({"model": model, "s": coords["source_id"], "t": target})
         row.update({m: value(m, means[m], target) for m in metrics})
         row["rv_prompt"] = float(row["rv"] - 0.05 * (coords["target_group"] == "recursive"))
-        steps = np.linspace(row["rv_prompt"], row["rv"], trajectory_steps)
-        row["rv_trajectory"] = [float(v) for v in steps + rng.normal(0, 0.005, len(steps))]
+        if trajectory_steps:
+            steps = np.linspace(row["rv_prompt"], row["rv"], trajectory_steps)
+            noise = rng.normal(0, 0.005, len(steps))
+            row["rv_trajectory"] = [float(v) for v in steps + noise]
+        else:
+            row["rv_trajectory"] = None
         row["score_technical"] = float(rng.normal(1.0, 0.5))
         row["pr_early"] = float(10 + rng.normal(0, 0.5))
         row["pr_late"] = float(row["rv"] * row["pr_early"])

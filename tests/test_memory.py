@@ -1,0 +1,217 @@
+"""The memory model: exact KV/weight arithmetic, batch sizing, and the docs table.
+
+Shapes are plain dataclasses (the `ModelShape` protocol), never downloaded configs;
+one test runs the real `engine.models.model_info` on a builtin tiny model to keep the
+protocol and `ModelInfo` in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rloop_ray import memory
+from rloop_ray.memory import (
+    GiB,
+    InsufficientMemoryError,
+    KiB,
+    MiB,
+    choose_batch_size,
+    dtype_bytes,
+    gpus_per_replica,
+    kv_bytes,
+    kv_bytes_per_token,
+    sequence_bytes,
+    shared_bytes,
+    weight_bytes,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int = 4096
+    vocab_size: int = 32000
+
+
+@dataclass(frozen=True)
+class WindowedShape(Shape):
+    sliding_window: int | None = None
+    layer_windows: tuple[int | None, ...] | None = None
+
+
+LLAMA3_8B = Shape(32, 8, 128, hidden_size=4096, vocab_size=128256)
+
+
+def test_llama3_8b_is_128_kib_per_token_in_16_bit() -> None:
+    assert kv_bytes_per_token(LLAMA3_8B, "float16") == 128 * KiB == 131072
+    assert kv_bytes_per_token(LLAMA3_8B, "bfloat16") == 128 * KiB
+    assert kv_bytes_per_token(LLAMA3_8B, "float32") == 256 * KiB
+
+
+@pytest.mark.parametrize(
+    ("shape", "per_token"),
+    [
+        (Shape(32, 8, 128), 128 * KiB),  # Mistral-7B
+        (Shape(30, 3, 64), 23040),  # SmolLM2-135M: 22.5 KiB
+        (Shape(18, 1, 256), 18 * KiB),  # Gemma-3-270M
+    ],
+)
+def test_reference_kv_figures(shape: Shape, per_token: int) -> None:
+    assert kv_bytes_per_token(shape, "bfloat16") == per_token
+
+
+def test_kv_formula_by_hand() -> None:
+    shape = Shape(n_layers=3, n_kv_heads=2, head_dim=5)
+    assert kv_bytes_per_token(shape, "float32") == 2 * 3 * 2 * 5 * 4
+    assert kv_bytes(shape, 7, "float32") == 7 * 2 * 3 * 2 * 5 * 4
+    assert kv_bytes(shape, 0) == 0
+
+
+def test_windows_cap_only_when_asked() -> None:
+    mistral = WindowedShape(32, 8, 128, sliding_window=4096)
+    full = kv_bytes(mistral, 8192)
+    assert full == 8192 * 128 * KiB  # the engine keeps every position
+    assert kv_bytes(mistral, 8192, windowed=True) == 4096 * 128 * KiB
+    assert kv_bytes(mistral, 1000, windowed=True) == kv_bytes(mistral, 1000)
+    # Gemma-3 style: per-layer windows win over the scalar window
+    gemma = WindowedShape(6, 1, 256, sliding_window=512,
+                          layer_windows=(512, 512, 512, 512, 512, None))
+    per_layer_token = 2 * 1 * 256 * 2
+    assert kv_bytes(gemma, 1024, windowed=True) == per_layer_token * (5 * 512 + 1024)
+
+
+def test_weights_from_parameter_count() -> None:
+    assert weight_bytes(8_030_261_248, "bfloat16") == 16_060_522_496
+    assert weight_bytes(1000, "float32") == 4000
+    with pytest.raises(ValueError, match=">= 0"):
+        weight_bytes(-1)
+
+
+def test_dtype_names_and_torch_dtypes() -> None:
+    assert dtype_bytes("float32") == 4
+    assert dtype_bytes("torch.bfloat16") == 2  # as Engine.info() reports it
+    with pytest.raises(ValueError, match="Did you mean 'bfloat16'"):
+        dtype_bytes("bfloat61")
+    torch = pytest.importorskip("torch")
+    assert dtype_bytes(torch.float16) == 2
+    assert dtype_bytes(torch.float32) == 4
+
+
+def test_batch_is_floor_of_usable_over_row() -> None:
+    prompt, new = 512, 128
+    row = sequence_bytes(LLAMA3_8B, prompt, new)
+    shared = shared_bytes(LLAMA3_8B, prompt)
+    free = 8 * GiB
+    expected = (int(free * 0.8) - shared) // row
+    assert choose_batch_size(free, LLAMA3_8B, prompt, new, "bfloat16") == expected
+    assert choose_batch_size(free, LLAMA3_8B, prompt, new, "bfloat16", max_batch=4) == 4
+    # one more row's worth of memory gives exactly one more row
+    more = free + int(row / 0.8) + 1
+    assert choose_batch_size(more, LLAMA3_8B, prompt, new, "bfloat16") == expected + 1
+
+
+def test_batch_monotone() -> None:
+    sizes = [choose_batch_size(g * GiB, LLAMA3_8B, 256, 64) for g in (2, 4, 8, 16)]
+    assert sizes == sorted(sizes) and sizes[0] >= 1
+    longer = choose_batch_size(8 * GiB, LLAMA3_8B, 2048, 64)
+    assert longer < choose_batch_size(8 * GiB, LLAMA3_8B, 256, 64)
+    assert choose_batch_size(8 * GiB, LLAMA3_8B, 256, 64, "float32") < choose_batch_size(
+        8 * GiB, LLAMA3_8B, 256, 64, "bfloat16"
+    )
+
+
+def test_row_counts_patched_copy_and_growing_cache() -> None:
+    base = sequence_bytes(LLAMA3_8B, 0, 0)  # logits + activations only
+    assert sequence_bytes(LLAMA3_8B, 100, 0) - base == 2 * kv_bytes(LLAMA3_8B, 100)
+    assert sequence_bytes(LLAMA3_8B, 100, 50) - sequence_bytes(LLAMA3_8B, 100, 0) == kv_bytes(
+        LLAMA3_8B, 50
+    )
+
+
+def test_prompt_cache_and_captures_are_shared_costs() -> None:
+    two = shared_bytes(LLAMA3_8B, 512)
+    assert two == 2 * kv_bytes(LLAMA3_8B, 512)
+    assert shared_bytes(LLAMA3_8B, 512, cached_prompts=256) == 128 * two
+    resid = shared_bytes(LLAMA3_8B, 512, capture_sites=["resid"])
+    assert resid - two == 2 * 512 * 32 * 4096 * 2
+    with pytest.raises(ValueError, match="Available: v_proj, qkv, resid"):
+        shared_bytes(LLAMA3_8B, 512, capture_sites=["mlp"])
+
+
+def test_nothing_fits_is_an_error_not_zero() -> None:
+    with pytest.raises(InsufficientMemoryError, match="one row of 512\\+128 tokens"):
+        choose_batch_size(10 * MiB, LLAMA3_8B, 512, 128)
+    # the engine's default prompt LRU (256) of an 8B model does not fit beside its weights
+    free = memory.A10G_BYTES - memory.CUDA_CONTEXT_BYTES - weight_bytes(8_030_261_248)
+    with pytest.raises(InsufficientMemoryError):
+        choose_batch_size(free, LLAMA3_8B, 512, 128, cached_prompts=256)
+    with pytest.raises(ValueError, match="safety"):
+        choose_batch_size(GiB, LLAMA3_8B, 1, 1, safety=0.0)
+
+
+def test_gpus_per_replica() -> None:
+    n = 8_030_261_248
+    a10g = memory.A10G_BYTES
+    assert gpus_per_replica(n, LLAMA3_8B, a10g, 512, 128, "bfloat16") == 1
+    assert gpus_per_replica(n, LLAMA3_8B, a10g, 512, 128, "float32") == 2
+    assert gpus_per_replica(70 * 10**9, LLAMA3_8B, 80 * GiB, 512, 128, "bfloat16") == 2
+    with pytest.raises(InsufficientMemoryError, match="do not fit on 8 GPUs"):
+        gpus_per_replica(10**12, LLAMA3_8B, a10g, 512, 128, "bfloat16")
+
+
+def test_reference_table_numbers() -> None:
+    rows = {r["model"]: r for r in memory.reference_table()}
+    assert rows["Llama-3-8B"]["kv_bytes_per_token"] == 128 * KiB
+    assert rows["Llama-3-8B"]["gpus_per_replica"] == 1
+    assert rows["Mistral-7B"]["kv_bytes_context_windowed"] == 4096 * 128 * KiB
+    assert rows["SmolLM2-135M"]["kv_bytes_per_token"] == 23040
+    assert rows["Gemma-3-270M"]["kv_bytes_per_token"] == 18 * KiB
+    # Gemma-3-270M: layers 5, 11, 17 are global, the other 15 slide over 512 tokens
+    gemma = next(m for m in memory.REFERENCE_MODELS if m.name == "Gemma-3-270M")
+    assert [i for i, w in enumerate(gemma.layer_windows or ()) if w is None] == [5, 11, 17]
+
+
+def test_docs_table_is_the_functions_output() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    found = re.search(r"<!-- memory-table:start -->\n(.*?)<!-- memory-table:end -->", text,
+                      re.S)
+    assert found, "docs/cluster.md lost its memory-table markers"
+    assert found.group(1) == memory.reference_markdown(), (
+        "regenerate the table: python -c 'from rloop_ray.memory import reference_markdown;"
+        " print(reference_markdown())'"
+    )
+
+
+def test_format_bytes() -> None:
+    assert memory.format_bytes(131072) == "128 KiB"
+    assert memory.format_bytes(23040) == "22.5 KiB"
+    assert memory.format_bytes(512) == "512 B"
+    assert memory.format_bytes(16 * GiB) == "16 GiB"
+
+
+def test_device_free_bytes_without_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    free = memory.device_free_bytes()
+    if torch.cuda.is_available():
+        assert isinstance(free, int) and free > 0
+    else:
+        assert free is None
+
+
+def test_model_info_satisfies_the_protocol() -> None:
+    """The real `ModelInfo` of a builtin tiny model works as a `ModelShape`."""
+    from rloop_ray.engine.models import model_info
+
+    info = model_info("tiny-mistral")  # config only: no weights are built or loaded
+    per_token = kv_bytes_per_token(info, "float32")
+    assert per_token == 2 * info.n_layers * info.n_kv_heads * info.head_dim * 4
+    assert kv_bytes(info, 100, "float32", windowed=True) <= kv_bytes(info, 100, "float32")
+    assert choose_batch_size(GiB, info, 16, 8, "float32") >= 1
