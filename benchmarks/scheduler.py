@@ -92,17 +92,37 @@ def main() -> None:
 
     print(f"\nscheduler overhead, {n} NullEngine cells, {os.cpu_count()} CPUs")
     print(f"ray.init (local cluster, not counted below): {ray_start:.1f}s")
-    print(f"reference (NullEngine in a loop, no Ray/store): {ref:.3f}s = "
-          f"{1e3 * ref / n:.4f} ms/cell\n")
-    head = ("unit", "workers", "in-flight", "shards", "wall s", "ms/cell", "overhead ms/cell",
-            "steady ms/cell")
+    print(
+        f"reference (NullEngine in a loop, no Ray/store): {ref:.3f}s = "
+        f"{1e3 * ref / n:.4f} ms/cell\n"
+    )
+    head = (
+        "unit",
+        "workers",
+        "in-flight",
+        "shards",
+        "wall s",
+        "ms/cell",
+        "overhead ms/cell",
+        "steady ms/cell",
+    )
     print("  ".join(f"{h:>8}" for h in head))
     for size, workers, r in rows:
-        print("  ".join(f"{v:>8}" for v in (
-            size, workers, args.in_flight, r["shards"], f"{r['wall']:.2f}",
-            f"{1e3 * r['wall'] / n:.3f}", f"{1e3 * (r['wall'] - ref) / n:.3f}",
-            f"{1e3 * r['steady'] / n:.3f}",
-        )))
+        print(
+            "  ".join(
+                f"{v:>8}"
+                for v in (
+                    size,
+                    workers,
+                    args.in_flight,
+                    r["shards"],
+                    f"{r['wall']:.2f}",
+                    f"{1e3 * r['wall'] / n:.3f}",
+                    f"{1e3 * (r['wall'] - ref) / n:.3f}",
+                    f"{1e3 * r['steady'] / n:.3f}",
+                )
+            )
+        )
     best = min(1e3 * (r["wall"] - ref) / n for _, _, r in rows)
     print(f"\nbest overhead: {best:.3f} ms/cell (target < 2 ms/cell)")
 

@@ -12,7 +12,11 @@ once. A dead worker is handled in two layers, on purpose:
 * The driver requeues the dead worker's in-flight units (attempt + 1) onto any live worker.
   A unit that was in flight when a worker died becomes a *suspect* and is only dispatched
   to an idle worker, alone, so a later death is pinned on it; after `max_unit_attempts`
-  deaths its cells are recorded as failed (`ActorDiedError`) instead of looping forever.
+  deaths its cells are recorded as failed (`WorkerDied`) instead of looping forever.
+
+Cells that come back with `error_type = OutOfMemoryError` (GPU memory, docs/cluster.md)
+are split: the unit's OOM cells are requeued in two halves with half the batch size,
+recursively, until a single cell that still runs out of memory is recorded as failed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+OOM_ERROR_TYPES = frozenset({"OutOfMemoryError"})
+"""Engine error types that mean "this batch did not fit": retried smaller, not failed."""
 
 
 class CellLike(Protocol):
@@ -167,6 +174,7 @@ class _Task:
     requests: list[CellRequest]
     attempt: int
     deaths: int = 0
+    max_batch_size: int | None = None  # set when an OOM split asked for smaller batches
 
     @property
     def suspect(self) -> bool:
@@ -319,6 +327,8 @@ class _Run:
         self.failed_ids: list[str] = []
         self.errors: list[str] = []
         self.engines: dict[str, Any] = {}
+        self.workers: list[dict[str, Any]] = []  # provenance: where each replica ran
+        self.engine_batch: dict[str, int] = {}  # model -> the engine's own max batch size
         self._cells: list[dict[str, Any]] = []
         self._failures: list[dict[str, Any]] = []
         self._oldest: float | None = None
@@ -402,12 +412,15 @@ class _Run:
             pending[w.handle.ready.remote()] = ("ready", w, None)
         log.info("model %s: starting %d workers for %d units", model, n_workers, len(tasks))
 
+        def submit(w: _Worker, t: _Task) -> Any:
+            return w.handle.run_unit.remote(t.requests, t.attempt, t.max_batch_size)
+
         def dispatch() -> None:
             for w in workers:
                 if suspects:  # suspects run alone: let workers drain, then hand them over
                     if w.state == "ready" and w.in_flight == 0:
                         t = suspects.popleft()
-                        pending[w.handle.run_unit.remote(t.requests, t.attempt)] = ("unit", w, t)
+                        pending[submit(w, t)] = ("unit", w, t)
                         w.in_flight += 1
                         w.suspect_in_flight = True
                     continue
@@ -415,7 +428,7 @@ class _Run:
                     if not queue:
                         break
                     t = queue.popleft()
-                    pending[w.handle.run_unit.remote(t.requests, t.attempt)] = ("unit", w, t)
+                    pending[submit(w, t)] = ("unit", w, t)
                     w.in_flight += 1
 
         def worker_lost(w: _Worker, task: _Task, exc: BaseException) -> None:
@@ -445,7 +458,12 @@ class _Run:
 
         try:
             while True:
-                if self.latch.stop:
+                if self.latch.stop:  # keep units that already finished, start nothing new
+                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                    for ref in done:
+                        kind, w, task = pending.pop(ref)
+                        if task is not None:
+                            self._unit_done(ref, w, task, lambda *a: None, lambda t: None)
                     return
                 now = time.monotonic()
                 for w in workers:
@@ -472,7 +490,7 @@ class _Run:
                 for ref in ready:
                     kind, w, task = pending.pop(ref)
                     if task is not None:
-                        self._unit_done(ref, w, task, worker_lost)
+                        self._unit_done(ref, w, task, worker_lost, queue.appendleft)
                     else:
                         self._control_done(ref, model, kind, w)
                 self.maybe_flush()
@@ -482,7 +500,12 @@ class _Run:
                     ray.kill(w.handle, no_restart=True)
 
     def _unit_done(
-        self, ref: Any, w: _Worker, task: _Task, worker_lost: Callable[..., None]
+        self,
+        ref: Any,
+        w: _Worker,
+        task: _Task,
+        worker_lost: Callable[..., None],
+        requeue: Callable[[_Task], None],
     ) -> None:
         """A unit's result arrived: rows, a dead worker (requeue), or a task error (record)."""
         import ray
@@ -502,7 +525,39 @@ class _Run:
         w.in_flight -= 1
         if task.suspect:
             w.suspect_in_flight = False
-        self.accept(rows)
+        self.accept(self._split_oom(task, rows, requeue))
+
+    def _split_oom(
+        self, task: _Task, rows: list[dict[str, Any]], requeue: Callable[[_Task], None]
+    ) -> list[dict[str, Any]]:
+        """Requeue a unit's out-of-memory cells in two halves at half the batch size.
+
+        Returns the rows to write now: everything but the OOM cells of a multi-cell task.
+        A single cell that still runs out of memory is written as failed (no loop).
+        """
+        if len(task.requests) < 2:
+            return rows
+        oom = {
+            r["cell_id"]
+            for r in rows
+            if r.get("status") != "ok" and r.get("error_type") in OOM_ERROR_TYPES
+        }
+        if not oom:
+            return rows
+        batch = task.max_batch_size or self.engine_batch.get(task.model) or len(task.requests)
+        cap = max(1, min(batch, len(task.requests)) // 2)
+        again = [q for q in task.requests if q.cell_id in oom]
+        mid = (len(again) + 1) // 2
+        for half in (again[:mid], again[mid:]):
+            if half:
+                requeue(_Task(task.unit_id, task.model, half, task.attempt + 1, max_batch_size=cap))
+        log.warning(
+            "unit %s: %d cells out of memory; retrying them in halves with batch size %d",
+            task.unit_id,
+            len(again),
+            cap,
+        )
+        return [r for r in rows if r["cell_id"] not in oom]
 
     def _control_done(self, ref: Any, model: str, kind: str, w: _Worker) -> None:
         """A `ready` (model load) or `probe` (after a death) answer for worker `w`."""
@@ -530,6 +585,10 @@ class _Run:
             log.info("worker %s is back (pid %s)", info["worker"], info["pid"])
         else:
             self.engines.setdefault(model, info["engine"])
+            if info.get("max_batch_size"):
+                self.engine_batch.setdefault(model, int(info["max_batch_size"]))
+            keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds")
+            self.workers.append({"model": model, **{k: info[k] for k in keys}})
             log.info(
                 "worker %s ready on node %s, accelerators %s (load %.1fs)",
                 info["worker"],
@@ -702,6 +761,7 @@ def run_sweep(
                     cells_failed=result.failed,
                     cells_remaining=remaining,
                     engines=run.engines,
+                    workers=run.workers,
                     errors=run.errors,
                 )
     log.info("%s", result.message)

@@ -22,6 +22,7 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention
@@ -50,19 +51,33 @@ class NullEngine:
         kill_marker_dir: str | None = None,
         load_seconds: float = 0.0,
         signal_on: tuple[str, int, int] | None = None,
+        start_barrier: tuple[str, int] | None = None,
+        max_batch_size: int = 16,
+        oom_batch: int | None = None,
+        oom_cells: Iterable[str] = (),
         **_: Any,
     ) -> None:
         """`kill_cells`: SIGKILL this process when one of these cells comes up. With
         `kill_marker_dir`, each such cell kills only once (a marker file records it), so a
         restarted worker completes it; without, it kills every time (a poison cell).
         `signal_on=(cell_id, pid, signum)`: send a signal to another process (the driver)
-        when that cell runs, to interrupt a sweep at a known point."""
+        when that cell runs, to interrupt a sweep at a known point.
+        `start_barrier=(dir, n)`: `run` waits (up to 60 s) until n engines have been built,
+        each leaving a file in `dir`, so a test can rely on every worker getting units.
+        `oom_batch`: a batch (min(cells, max_batch_size)) larger than this fails every cell
+        with `OutOfMemoryError`, like a GPU that is too small; `oom_cells` do so even alone."""
         self.model_name = model_name
         self.fail_cells = frozenset(fail_cells)
         self.kill_cells = frozenset(kill_cells)
         self.kill_marker_dir = kill_marker_dir
         self.sleep_per_cell = sleep_per_cell
         self.signal_on = signal_on
+        self.start_barrier = start_barrier
+        self.max_batch_size = max_batch_size
+        self.oom_batch = oom_batch
+        self.oom_cells = frozenset(oom_cells)
+        if start_barrier is not None:
+            Path(start_barrier[0], f"engine-{os.getpid()}").touch()
         if load_seconds:
             time.sleep(load_seconds)
 
@@ -130,7 +145,26 @@ class NullEngine:
             "engine_seconds": self.sleep_per_cell,
         }
 
+    def _wait_for_barrier(self) -> None:
+        if self.start_barrier is None:
+            return
+        folder, n = self.start_barrier
+        deadline = time.monotonic() + 60
+        while len(list(Path(folder).glob("engine-*"))) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _oom(self) -> dict[str, Any]:
+        return {
+            "status": "failed",
+            "error_type": "OutOfMemoryError",
+            "error": "CUDA out of memory (NullEngine: simulated)",
+        }
+
     def run(self, requests: list[CellRequest]) -> list[dict[str, Any]]:
+        self._wait_for_barrier()
+        batch = min(len(requests), self.max_batch_size)
+        if self.oom_batch is not None and batch > self.oom_batch:
+            return [self._oom() for _ in requests]
         rows = []
         for req in requests:
             self._maybe_kill(req.cell_id)
@@ -138,7 +172,7 @@ class NullEngine:
                 os.kill(self.signal_on[1], self.signal_on[2])
             if self.sleep_per_cell:
                 time.sleep(self.sleep_per_cell)
-            rows.append(self._one(req))
+            rows.append(self._oom() if req.cell_id in self.oom_cells else self._one(req))
         return rows
 
 

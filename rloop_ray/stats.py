@@ -888,7 +888,10 @@ def transfer_efficiency(
     the recursive cache (baseline source into a recursive target) takes away.
     """
     rows: list[dict[str, Any]] = []
-    attributed = cells[cells["attributed"] & (cells["status"] == "ok")]
+    # Cell-id order makes the bootstrap independent of how rows were sharded (a resumed
+    # sweep writes other shards than an uninterrupted one, with the same cells).
+    attributed = cells[cells["attributed"] & (cells["status"] == "ok")].sort_values(
+        "cell_id", kind="stable")
     transplant_all = transplant_all_mask(attributed, manifest)
     for model, mcells in attributed.groupby("model", sort=True):
         a_cells = mcells[mcells["letter"] == "A"]
@@ -1105,10 +1108,8 @@ def models_side_by_side(comparisons: pd.DataFrame) -> pd.DataFrame:
     """
     if comparisons.empty or comparisons["model"].nunique() < 2:
         return pd.DataFrame()
-    wide = comparisons.pivot_table(
-        index=["comparison_id", "comparison", "metric"], columns="model",
-        values=list(SIDE_BY_SIDE_VALUES), aggfunc="first", dropna=False,
-    )
+    keyed = comparisons.set_index(["comparison_id", "comparison", "metric", "model"])
+    wide = keyed[list(SIDE_BY_SIDE_VALUES)].unstack("model")
     wide.columns = [f"{value}[{model}]" for value, model in wide.columns]
     models = sorted(comparisons["model"].unique())
     ordered = [f"{v}[{m}]" for m in models for v in SIDE_BY_SIDE_VALUES if f"{v}[{m}]" in wide]
@@ -1120,8 +1121,7 @@ def transfer_side_by_side(transfer: pd.DataFrame) -> pd.DataFrame:
     if transfer.empty or transfer["model"].nunique() < 2:
         return pd.DataFrame()
     values = ["efficiency", "eff_ci_low", "eff_ci_high", "necessity_fraction"]
-    wide = transfer.pivot_table(index=["point", "metric"], columns="model", values=values,
-                                aggfunc="first", dropna=False)
+    wide = transfer.set_index(["point", "metric", "model"])[values].unstack("model")
     wide.columns = [f"{value}[{model}]" for value, model in wide.columns]
     models = sorted(transfer["model"].unique())
     ordered = [f"{v}[{m}]" for m in models for v in values if f"{v}[{m}]" in wide]

@@ -94,19 +94,36 @@ class ModelWorker:
             "pid": self.pid,
             "accelerator_ids": self.accelerator_ids,
             "load_seconds": self.load_seconds,
+            "max_batch_size": getattr(self.engine, "max_batch_size", None),
             "engine": self.engine.info(),
         }
 
-    def run_unit(self, requests: list[CellRequest], attempt: int = 1) -> list[dict[str, Any]]:
-        """Run one unit's cells; returns one row per request (engine keys + runner keys)."""
+    def run_unit(
+        self,
+        requests: list[CellRequest],
+        attempt: int = 1,
+        max_batch_size: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run one unit's cells; returns one row per request (engine keys + runner keys).
+
+        `max_batch_size` caps the engine's batch for this call only (the driver's retry of
+        cells that ran out of GPU memory); engines without that attribute ignore it.
+        """
         t0 = time.perf_counter()
+        saved = getattr(self.engine, "max_batch_size", None)
+        cap = max_batch_size is not None and saved is not None
         try:
+            if cap:
+                self.engine.max_batch_size = min(saved, max_batch_size)
             rows = self.engine.run(list(requests))
             if len(rows) != len(requests):
                 raise RuntimeError(f"engine returned {len(rows)} rows for {len(requests)} requests")
         except Exception as exc:  # the engine broke its never-raise contract
             log.exception("engine raised on a unit of %d cells", len(requests))
             rows = failed_rows(requests, type(exc).__name__, traceback.format_exc())
+        finally:
+            if cap:
+                self.engine.max_batch_size = saved
         seconds = (time.perf_counter() - t0) / max(len(requests), 1)
         finished = now_utc()
         runner = {

@@ -69,13 +69,15 @@ class Effects:
     """Change of the recursive-natural mean per recursion level (levels 1..5, centred at 3)."""
     model_scale: dict[str, float] = field(default_factory=dict)
     """Per model, a factor on every B-A gap (0 makes that model a null)."""
+    prompt_offset: float = 0.05
+    """How much lower the prompt-side R_V (step 0) of recursive targets is than their R_V."""
 
     @classmethod
     def null(cls) -> Effects:
         """Every condition has the same mean: nothing should survive FDR."""
         same = {"rv": 0.95, "score_keywords": 1.0, "score_self_ref": 1.0,
                 "score_logprob_contrast": 0.0}
-        return cls(a=dict(same), b=dict(same), level_slope={})
+        return cls(a=dict(same), b=dict(same), level_slope={}, prompt_offset=0.0)
 
 
 @dataclass
@@ -139,7 +141,8 @@ def make_sweep(
         row["cell_id"] = _cell_id(row)
         row["unit_id"] = _cell_id({"model": model, "s": coords["source_id"], "t": target})
         row.update({m: value(m, means[m], target) for m in metrics})
-        row["rv_prompt"] = float(row["rv"] - 0.05 * (coords["target_group"] == "recursive"))
+        row["rv_prompt"] = float(row["rv"] - eff.prompt_offset * (coords["target_group"]
+                                                                  == "recursive"))
         if trajectory_steps:
             steps = np.linspace(row["rv_prompt"], row["rv"], trajectory_steps)
             noise = rng.normal(0, 0.005, len(steps))

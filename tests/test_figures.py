@@ -1,0 +1,145 @@
+"""Figures and the report: every PNG is a real image with content; the report says what
+the data says (notes, failures, skipped figures) and its HTML is self-contained."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from synthetic import Effects, Point, make_sweep
+from typer.testing import CliRunner
+
+from rloop_ray import report
+from rloop_ray.cli import app
+
+N_BOOT = 200
+
+
+def assert_real_png(data: bytes | str) -> np.ndarray:
+    """Decode a PNG and check it has pixels that are not all the same colour."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    pixels = mpimg.imread(source, format="png")
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    rgba = np.round(pixels[..., :3] * 255).astype(np.uint32)
+    colours = (rgba[..., 0] << 16) | (rgba[..., 1] << 8) | rgba[..., 2]
+    assert len(np.unique(colours)) > 10, "image is (almost) uniform"
+    assert float(pixels[..., :3].std()) > 0.01
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("figures")
+    sw = make_sweep(
+        root, "full", models=("llama-tiny", "mistral-tiny"), n_prompts=8,
+        points=(Point(layers="16:32", tokens="all"), Point(layers="16:32", tokens="last:8"),
+                Point(layers="0:16", tokens="all", gain=0.0),
+                Point(mode="transplant", layers="all")),
+        alphas=(0.5, 1.0), controls=("shuffle", "random"), fail_every=29,
+        effects=Effects(controls={"shuffle": 1.0}), long_control=True, seed=5,
+    )
+    out = report.write_report(sw.path, n_resamples=N_BOOT)
+    return sw, out
+
+
+def test_every_figure_is_a_real_image(full):
+    sw, out = full
+    drawn = [f for f in out.figures if f.path is not None]
+    kinds = {re.sub(r"_(rv|score).*$", "", f.name) for f in drawn}
+    assert {"transfer_heatmap", "alpha_dose", "rv_by_group", "rv_trajectory", "rv_vs"} <= kinds
+    pngs = sorted((sw.path / "figures").glob("*.png"))
+    assert len(pngs) == len(drawn)
+    for path in pngs:
+        assert_real_png(str(path))
+    assert not [f for f in out.figures if f.skipped]
+
+
+def test_heatmap_has_one_panel_per_model_and_alpha(full):
+    _, out = full
+    heat = next(f for f in out.figures if f.name == "transfer_heatmap_rv_kv_mix_end")
+    pixels = assert_real_png(str(heat.path))
+    # 2 models x 2 alphas: the figure is wider than tall and both are large
+    assert pixels.shape[1] > 600 and pixels.shape[0] > 500
+
+
+def test_report_markdown_has_run_tables_notes_and_figures(full):
+    sw, out = full
+    md = out.markdown.read_text()
+    for section in ("## What was run", "## Completeness and failures", "## Findings",
+                    "## Classic comparisons", "## Transfer efficiency", "## Controls",
+                    "## Dose-response", "## R_V and behaviour", "## Models side by side",
+                    "## Per condition", "## Figures"):
+        assert section in md
+    assert "spec_hash" in md and "versions:" in md
+    assert "llama-tiny" in md and "mistral-tiny" in md
+    n_failed = int((sw.written["status"] == "failed").sum())
+    assert f"{n_failed} cells failed" in md
+    assert "same computation as continuing the source prompt" in md
+    assert "'shuffle' control moved the metric as much as the patch" in md
+    assert "p_fdr" in md and "sig" in md
+    for fig in out.figures:
+        assert f"](figures/{fig.name}.png)" in md
+    assert (sw.path / "stats" / "comparisons.parquet").is_file()
+
+
+def test_report_html_is_self_contained(full):
+    _, out = full
+    text = out.html.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert 'src="figures/' not in text
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) == len([f for f in out.figures if f.path is not None])
+    for data in images:
+        assert_real_png(base64.b64decode(data))
+    assert "same computation as continuing the source prompt" in text
+
+
+def test_figures_without_data_are_skipped_and_reported(tmp_path):
+    sw = make_sweep(tmp_path, "sparse", models=("llama-tiny",), n_prompts=8, alphas=(1.0,),
+                    controls=(), trajectory_steps=0)
+    out = report.write_report(sw.path, n_resamples=N_BOOT)
+    skipped = {f.name: f.skipped for f in out.figures if f.skipped}
+    assert "rv_trajectory" in skipped and "trajectory" in skipped["rv_trajectory"]
+    assert any(name.startswith("alpha_dose") for name in skipped)
+    for f in out.figures:
+        if f.path is not None:
+            assert_real_png(str(f.path))
+    md = out.markdown.read_text()
+    assert "skipped: no cell recorded an R_V trajectory" in md
+    assert "Figures skipped for lack of data" in md
+    assert "skipped:" in out.html.read_text()
+
+
+def test_partial_sweep_report(tmp_path):
+    sw = make_sweep(tmp_path, "partial", models=("llama-tiny",), n_prompts=8,
+                    keep_fraction=0.5, seed=1)
+    out = report.write_report(sw.path, n_resamples=N_BOOT, figures=False)
+    md = out.markdown.read_text()
+    missing = sw.n_total - len(sw.written)
+    assert f"Partial sweep: {len(sw.written)} of {sw.n_total} cells done" in md
+    assert f"missing: {missing}" in md
+
+
+def test_cli_stats_end_to_end(tmp_path):
+    sw = make_sweep(tmp_path, "cli", models=("llama-tiny",), n_prompts=6, alphas=(0.5, 1.0),
+                    controls=("shuffle",), keep_fraction=0.9)
+    result = CliRunner().invoke(app, ["stats", str(sw.path), "--n-resamples", "200"])
+    assert result.exit_code == 0, result.output
+    assert "partial sweep" in result.output
+    assert (sw.path / "report.md").is_file() and (sw.path / "report.html").is_file()
+    assert (sw.path / "stats" / "conditions.parquet").is_file()
+    for png in (sw.path / "figures").glob("*.png"):
+        assert_real_png(str(png))
+
+    only = CliRunner().invoke(app, ["stats", str(sw.path), "-m", "rv", "--no-figures",
+                                    "--n-resamples", "200"])
+    assert only.exit_code == 0, only.output
+
+    bad = CliRunner().invoke(app, ["stats", str(sw.path), "-m", "nope"])
+    assert bad.exit_code == 2 and "Available" in bad.output
+    missing = CliRunner().invoke(app, ["stats", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2

@@ -1,0 +1,441 @@
+"""Every statistic of stats.py against a direct scipy computation on synthetic sweeps.
+
+The synthetic tables (tests/synthetic.py) have known effects; the direct computations
+here read the rows as written, without going through the loader, so a bug in loading,
+grouping or pairing shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as ss
+from synthetic import Effects, Point, make_sweep
+
+from rloop_ray import stats
+
+N_BOOT = 300
+MODEL = "llama-tiny"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("stats")
+    return make_sweep(
+        root, "effects", models=(MODEL, "mistral-tiny"), n_prompts=12,
+        points=(Point(layers="16:32", gain=1.0), Point(layers="0:16", gain=0.0)),
+        alphas=(0.0, 0.5, 1.0), fail_every=41, nan_rv_every=31, orphan_failures=1,
+        duplicate_rows=2, effects=Effects(model_scale={"mistral-tiny": 0.5}), seed=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def result(sweep):
+    return stats.run_stats(sweep.path, n_resamples=N_BOOT, seed=7)
+
+
+def _ok(frame: pd.DataFrame, **where: object) -> pd.DataFrame:
+    sel = frame["status"] == "ok"
+    for col, val in where.items():
+        sel &= frame[col] == val
+    return frame[sel]
+
+
+def _values(frame: pd.DataFrame, metric: str, **where: object) -> np.ndarray:
+    return _ok(frame, **where)[metric].dropna().to_numpy(float)
+
+
+def _row(table: pd.DataFrame, **where: object) -> pd.Series:
+    sel = pd.Series(True, index=table.index)
+    for col, val in where.items():
+        sel &= table[col] == val
+    hit = table[sel]
+    assert len(hit) == 1, f"expected one row for {where}, got {len(hit)}"
+    return hit.iloc[0]
+
+
+# --- per condition --------------------------------------------------------------------------
+
+
+def test_condition_summary_matches_scipy(sweep, result):
+    w = sweep.written
+    natural_a = w[(w["model"] == MODEL) & (w["control"] == "natural")
+                  & (w["target_group"] == "baseline")]
+    values = _values(natural_a, "rv")
+    row = _row(result.conditions, model=MODEL, letter="A", metric="rv")
+    assert row["n"] == len(natural_a)
+    assert row["n_failed"] == int((natural_a["status"] == "failed").sum())
+    assert row["n_nan"] == int(_ok(natural_a)["rv"].isna().sum())
+    assert row["n_valid"] == len(values)
+    assert row["mean"] == pytest.approx(np.mean(values))
+    assert row["sd"] == pytest.approx(np.std(values, ddof=1))
+    low, high = ss.t.interval(0.95, len(values) - 1, loc=np.mean(values),
+                              scale=ss.sem(values))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+
+
+def test_every_metric_and_condition_is_summarised(sweep, result):
+    for metric in ("rv", "score_keywords", "score_self_ref", "score_logprob_contrast",
+                   "rv_prompt", "pr_early", "pr_late", "score_technical"):
+        assert metric in result.metrics
+    per_model = result.conditions.groupby("model")["condition"].nunique()
+    # natural A, B + 2 points x 3 alphas x (C, D, 4 controls)
+    assert per_model.to_dict() == {MODEL: 2 + 2 * 3 * 6, "mistral-tiny": 2 + 2 * 3 * 6}
+
+
+def test_failed_and_nan_cells_are_counted_not_dropped(sweep, result):
+    w = sweep.written
+    rv = result.conditions[result.conditions["metric"] == "rv"]
+    assert rv["n"].sum() == len(w)  # every written cell is in exactly one condition
+    assert rv["n_failed"].sum() == int((w["status"] == "failed").sum())
+    assert rv["n_nan"].sum() == int(_ok(w)["rv"].isna().sum())
+    reasons = " ".join(rv["nan_reasons"])
+    assert "too_few_tokens:5<16" in reasons
+    comp = result.completeness
+    assert comp.n_failed == int((w["status"] == "failed").sum()) + 1  # + the orphan failure
+    assert comp.n_failed_unattributed == 1
+    assert comp.n_duplicate_rows == 2
+    assert comp.n_done == len(w) + 1 == comp.n_expected
+
+
+# --- comparisons ----------------------------------------------------------------------------
+
+
+def test_welch_comparison_matches_scipy(sweep, result):
+    w = sweep.written[sweep.written["model"] == MODEL]
+    nat = w[w["control"] == "natural"]
+    b = _values(nat, "score_keywords", target_group="recursive")
+    a = _values(nat, "score_keywords", target_group="baseline")
+    row = _row(result.comparisons, comparison="group_effect", model=MODEL,
+               metric="score_keywords", a="B: natural recursive", b="A: natural baseline")
+    assert row["test"] == "welch_t" and row["effect_size"] == "d_pooled"
+    ref = ss.ttest_ind(b, a, equal_var=False)
+    assert row["statistic"] == pytest.approx(ref.statistic)
+    assert row["p"] == pytest.approx(ref.pvalue)
+    assert row["df"] == pytest.approx(ref.df)
+    pooled = math.sqrt(((len(b) - 1) * b.var(ddof=1) + (len(a) - 1) * a.var(ddof=1))
+                       / (len(a) + len(b) - 2))
+    assert row["cohens_d"] == pytest.approx((b.mean() - a.mean()) / pooled)
+    assert row["diff"] == pytest.approx(b.mean() - a.mean())
+    assert (row["n_a"], row["n_b"]) == (len(b), len(a))
+    mw = ss.mannwhitneyu(b, a, alternative="two-sided")
+    assert row["mw_statistic"] == pytest.approx(mw.statistic)
+    assert row["mw_p"] == pytest.approx(mw.pvalue)
+    assert row["d_ci_low"] < row["cohens_d"] < row["d_ci_high"]
+
+
+def test_paired_comparison_matches_scipy(sweep, result):
+    w = _ok(sweep.written, model=MODEL)
+    c = w[(w["control"] == "patch") & (w["target_group"] == "baseline")
+          & (w["layers"] == "16:32") & (w["alpha"] == 1.0)]
+    a = w[(w["control"] == "natural") & (w["target_group"] == "baseline")]
+    metric = "score_logprob_contrast"
+    joined = c[["target_id", metric]].dropna().merge(
+        a[["target_id", metric]].dropna(), on="target_id", suffixes=("_c", "_a"))
+    x, y = joined[f"{metric}_c"].to_numpy(), joined[f"{metric}_a"].to_numpy()
+    row = _row(result.comparisons, comparison="sufficiency", model=MODEL, metric=metric,
+               layers="16:32", alpha=1.0)
+    assert row["test"] == "paired_t" and row["effect_size"] == "d_z"
+    assert row["n_pairs"] == len(joined)
+    ref = ss.ttest_rel(x, y)
+    assert row["statistic"] == pytest.approx(ref.statistic)
+    assert row["p"] == pytest.approx(ref.pvalue)
+    diff = x - y
+    assert row["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+    wx = ss.wilcoxon(x, y)
+    assert row["wilcoxon_p"] == pytest.approx(wx.pvalue)
+    assert row["diff"] == pytest.approx(diff.mean())
+    assert row["diff"] > 0  # the recursive source raises the contrast (known effect)
+
+
+def test_d_interval_inverts_the_noncentral_t():
+    d, n_a, n_b = 0.8, 15, 18
+    low, high = stats.d_confidence_interval(d, n_a, n_b, 0.95)
+    scale = math.sqrt(n_a * n_b / (n_a + n_b))
+    t_obs, df = d * scale, n_a + n_b - 2
+    assert ss.nct.cdf(t_obs, df, low * scale) == pytest.approx(0.975, abs=1e-6)
+    assert ss.nct.cdf(t_obs, df, high * scale) == pytest.approx(0.025, abs=1e-6)
+    # paired: d_z with n pairs, t = d_z * sqrt(n)
+    low_z, high_z = stats.d_confidence_interval(-1.5, 10, None, 0.95)
+    assert ss.nct.cdf(-1.5 * math.sqrt(10), 9, low_z * math.sqrt(10)) == pytest.approx(
+        0.975, abs=1e-6)
+    assert low_z < -1.5 < high_z
+    # large samples: close to the normal approximation
+    low_l, high_l = stats.d_confidence_interval(0.5, 2000, 2000, 0.95)
+    se = math.sqrt(4000 / (2000 * 2000) + 0.25 / 8000)
+    assert low_l == pytest.approx(0.5 - 1.96 * se, abs=0.01)
+    assert high_l == pytest.approx(0.5 + 1.96 * se, abs=0.01)
+
+
+def test_classic_comparisons_and_controls_are_planned(result):
+    names = set(result.comparisons["comparison"])
+    assert {"group_effect", "sufficiency", "necessity", "control:shuffle", "control:random",
+            "control:other", "control:self", "control_vs_patch:shuffle"} <= names
+    ctrl = result.comparisons[(result.comparisons["comparison"] == "control:shuffle")
+                              & (result.comparisons["model"] == MODEL)]
+    # one per intervention point (2 layer ranges x 3 alphas) and metric
+    assert ctrl.groupby(["layers", "alpha"]).ngroups == 6
+    assert set(ctrl["b"]) == {"A: natural baseline"}
+
+
+def test_known_effects_are_found(result):
+    cmp = result.comparisons
+    strong = cmp[(cmp["comparison"] == "sufficiency") & (cmp["layers"] == "16:32")
+                 & (cmp["alpha"] == 1.0) & (cmp["metric"].isin(["rv", "score_keywords"]))]
+    assert len(strong) == 4 and (strong["p_fdr"] < 0.05).all()
+    assert (strong.loc[strong["metric"] == "rv", "diff"] < 0).all()
+    # alpha = 0 reproduces the unpatched run: no effect anywhere
+    zero = cmp[(cmp["comparison"] == "sufficiency") & (cmp["alpha"] == 0.0)]
+    assert (zero["p_fdr"] >= 0.05).all()
+
+
+def test_fdr_is_one_family_over_every_test(result):
+    ps = np.concatenate([
+        result.comparisons["p"].to_numpy(float), result.dose["p"].to_numpy(float),
+        result.correlations["pearson_p"].to_numpy(float),
+        result.correlations["spearman_p"].to_numpy(float),
+    ])
+    finite = np.isfinite(ps)
+    expected = np.full_like(ps, np.nan)
+    expected[finite] = ss.false_discovery_control(ps[finite])
+    got = np.concatenate([
+        result.comparisons["p_fdr"].to_numpy(float), result.dose["p_fdr"].to_numpy(float),
+        result.correlations["pearson_p_fdr"].to_numpy(float),
+        result.correlations["spearman_p_fdr"].to_numpy(float),
+    ])
+    np.testing.assert_allclose(got, expected, equal_nan=True)
+    assert result.fdr_family_size == int(finite.sum())
+    assert (result.comparisons["significant"] == (result.comparisons["p_fdr"] < 0.05)).all()
+
+
+def test_null_sweep_nothing_survives_fdr(tmp_path):
+    sw = make_sweep(tmp_path, "null", models=(MODEL,), n_prompts=12, effects=Effects.null(),
+                    alphas=(0.5, 1.0), seed=11)
+    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    tested = res.comparisons[res.comparisons["p"].notna()]
+    assert len(tested) > 100
+    assert (tested["p_fdr"] >= 0.05).all()
+    assert not res.comparisons["significant"].any()
+    assert (res.dose["p_fdr"].dropna() >= 0.05).all()
+    notes = " ".join(n.text for n in stats.derive_notes(res))
+    assert "No comparison survives the correction" in notes
+
+
+# --- transfer, dose-response, correlations --------------------------------------------------
+
+
+def test_transfer_efficiency_and_bootstrap_match_scipy(sweep, result):
+    w = _ok(sweep.written, model=MODEL).sort_values("cell_id")  # the order stats uses
+    metric = "score_keywords"
+    a = w.loc[(w["control"] == "natural") & (w["target_group"] == "baseline"), metric]
+    b = w.loc[(w["control"] == "natural") & (w["target_group"] == "recursive"), metric]
+    c = w.loc[(w["control"] == "patch") & (w["target_group"] == "baseline")
+              & (w["layers"] == "16:32") & (w["alpha"] == 1.0), metric]
+    a, b, c = (s.dropna().to_numpy(float) for s in (a, b, c))
+    row = _row(result.transfer, model=MODEL, metric=metric, layers="16:32", alpha=1.0)
+    assert row["efficiency"] == pytest.approx((c.mean() - a.mean()) / (b.mean() - a.mean()))
+
+    def ratio(c_, a_, b_, axis=-1):
+        return (c_.mean(axis) - a_.mean(axis)) / (b_.mean(axis) - a_.mean(axis))
+
+    ref = ss.bootstrap((c, a, b), ratio, n_resamples=N_BOOT, vectorized=True,
+                       method="percentile", rng=np.random.default_rng(7))
+    assert row["eff_ci_low"] == pytest.approx(ref.confidence_interval.low)
+    assert row["eff_ci_high"] == pytest.approx(ref.confidence_interval.high)
+    assert 0.6 < row["efficiency"] < 1.4  # gain 1, alpha 1: the full gap (known effect)
+    null_point = _row(result.transfer, model=MODEL, metric=metric, layers="0:16", alpha=1.0)
+    assert null_point["eff_ci_low"] < 0.0 < null_point["eff_ci_high"]
+
+
+def test_transfer_bootstrap_is_seeded(sweep):
+    one = stats.run_stats(sweep.path, n_resamples=N_BOOT, seed=5).transfer
+    two = stats.run_stats(sweep.path, n_resamples=N_BOOT, seed=5).transfer
+    pd.testing.assert_frame_equal(one, two)
+
+
+def test_dose_response_matches_scipy(sweep, result):
+    w = _ok(sweep.written, model=MODEL)
+    fam = w[(w["control"] == "patch") & (w["target_group"] == "baseline")
+            & (w["layers"] == "16:32")]
+    frame = fam[["alpha", "rv"]].dropna()
+    ref = ss.spearmanr(frame["alpha"], frame["rv"])
+    dose = result.dose
+    row = _row(dose, factor="alpha", model=MODEL, metric="rv", layers="16:32",
+               control="patch", target_group="baseline")
+    assert row["rho"] == pytest.approx(ref.statistic)
+    assert row["p"] == pytest.approx(ref.pvalue)
+    assert row["rho"] < 0 and row["n_levels"] == 3
+    nat = w[(w["control"] == "natural") & (w["target_group"] == "recursive")]
+    frame = nat[["target_level", "rv"]].dropna()
+    ref = ss.spearmanr(frame["target_level"], frame["rv"])
+    row = _row(dose, factor="target_level", model=MODEL, metric="rv")
+    assert row["rho"] == pytest.approx(ref.statistic)
+    assert row["n"] == len(frame)
+
+
+def test_correlations_match_scipy(sweep, result):
+    w = _ok(sweep.written, model=MODEL)
+    frame = w[["rv", "score_self_ref"]].dropna()
+    pr = ss.pearsonr(frame["rv"], frame["score_self_ref"])
+    sr = ss.spearmanr(frame["rv"], frame["score_self_ref"])
+    row = _row(result.correlations, model=MODEL, scope="all", y="score_self_ref")
+    assert row["pearson_r"] == pytest.approx(pr.statistic)
+    assert row["pearson_p"] == pytest.approx(pr.pvalue)
+    assert row["spearman_rho"] == pytest.approx(sr.statistic)
+    assert row["pearson_ci_low"] == pytest.approx(pr.confidence_interval().low)
+    assert row["pearson_r"] < 0  # lower R_V goes with more self-reference (known effect)
+    natural = _row(result.correlations, model=MODEL, scope="natural", y="score_self_ref")
+    assert natural["n"] == len(w[w["control"] == "natural"][["rv", "score_self_ref"]].dropna())
+
+
+def test_models_side_by_side(result):
+    side = result.side_by_side
+    assert not side.empty
+    for model in (MODEL, "mistral-tiny"):
+        for col in ("diff", "cohens_d", "p_fdr", "n_a"):
+            assert f"{col}[{model}]" in side.columns
+    row = side[(side["comparison"] == "sufficiency") & (side["metric"] == "rv")
+               & side["comparison_id"].str.contains("L=16:32 T=all align=end alpha=1 ")].iloc[0]
+    long = result.comparisons
+    for model in (MODEL, "mistral-tiny"):
+        ref = long[(long["comparison_id"] == row["comparison_id"]) & (long["metric"] == "rv")
+                   & (long["model"] == model)].iloc[0]
+        assert row[f"diff[{model}]"] == pytest.approx(ref["diff"])
+    # mistral was built with half the gap
+    assert abs(row["diff[mistral-tiny]"]) < abs(row[f"diff[{MODEL}]"])
+    assert not result.transfer_side_by_side.empty
+
+
+# --- notes, partial sweeps, edge cases ------------------------------------------------------
+
+
+def test_transplant_all_note_and_source_natural_comparison(tmp_path):
+    sw = make_sweep(tmp_path, "transplant", models=(MODEL,), n_prompts=12,
+                    points=(Point(mode="transplant", layers="all"), Point(layers="16:32")),
+                    controls=())
+    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    src = res.comparisons[res.comparisons["comparison"] == "source_natural"]
+    assert len(src) and set(src["layers"]) == {"all"}
+    c_rows = src[src["a"].str.startswith("C:")]
+    assert set(c_rows["b"]) == {"B: natural recursive"}
+    assert (c_rows["test"] == "paired_t").all()  # C's source_id pairs with B's target_id
+    notes = stats.derive_notes(res)
+    text = " ".join(n.text for n in notes if n.kind == "transplant_all")
+    assert "same computation as continuing the source prompt" in text
+    assert "source-natural" in text
+    assert "not distinguishable" in text  # the synthetic transplant moves C all the way to B
+    assert res.transfer.loc[res.transfer["layers"] == "all", "transplant_all"].all()
+    assert not res.transfer.loc[res.transfer["layers"] == "16:32", "transplant_all"].any()
+
+
+def test_control_that_moves_as_much_as_the_patch_is_reported(tmp_path):
+    sw = make_sweep(tmp_path, "controls", models=(MODEL,), n_prompts=16,
+                    controls=("shuffle", "random"),
+                    effects=Effects(controls={"shuffle": 1.0, "random": 0.0}), seed=2)
+    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    notes = [n for n in stats.derive_notes(res) if n.kind == "control_as_large"]
+    text = " ".join(n.text for n in notes)
+    assert "'shuffle' control moved the metric as much as the patch" in text
+    assert "'random'" not in text
+
+
+def test_self_control_check(tmp_path):
+    sw = make_sweep(tmp_path, "selfcheck", models=(MODEL,), n_prompts=12, controls=("self",))
+    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    notes = {n.kind: n.text for n in stats.derive_notes(res)}
+    assert "indistinguishable from natural" in notes["self_check"]
+    bad = make_sweep(tmp_path, "selfbad", models=(MODEL,), n_prompts=12, controls=("self",),
+                     effects=Effects(controls={"self": 1.0}))
+    res = stats.run_stats(bad.path, n_resamples=N_BOOT)
+    notes = {n.kind: n.text for n in stats.derive_notes(res)}
+    assert "suspect the intervention code" in notes["self_check"]
+
+
+def test_partial_sweep_is_analysed_and_says_what_is_missing(tmp_path):
+    sw = make_sweep(tmp_path, "partial", models=(MODEL,), n_prompts=12, keep_fraction=0.6,
+                    seed=4)
+    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    comp = res.completeness
+    assert comp.partial
+    assert comp.n_expected == sw.n_total
+    assert comp.n_done == len(sw.written)
+    assert comp.n_missing == sw.n_total - len(sw.written)
+    assert not res.comparisons.empty and not res.transfer.empty
+    text = " ".join(n.text for n in stats.derive_notes(res))
+    assert f"Partial sweep: {comp.n_done} of {sw.n_total} cells done" in text
+    assert f"{comp.n_missing} missing" in text
+
+
+def test_planned_cells_from_the_store_manifest(tmp_path):
+    sw = make_sweep(tmp_path, "planned", models=(MODEL,), n_prompts=12, keep_fraction=0.8,
+                    write_total=False)
+    manifest = json.loads((sw.path / "manifest.json").read_text())
+    manifest["planned_cells"] = {MODEL: len(sw.cells)}
+    (sw.path / "manifest.json").write_text(json.dumps(manifest))
+    comp = stats.run_stats(sw.path, n_resamples=N_BOOT).completeness
+    assert comp.n_expected == len(sw.cells)
+    assert comp.by_model[0]["missing"] == len(sw.cells) - len(sw.written)
+
+
+def test_missing_total_and_missing_conditions_are_stated(tmp_path):
+    sw = make_sweep(tmp_path, "nod", models=(MODEL,), n_prompts=12, write_total=False)
+    cells_dir = sw.path / "cells"
+    table = pd.concat([pd.read_parquet(p) for p in sorted(cells_dir.glob("*.parquet"))])
+    for p in cells_dir.glob("*.parquet"):
+        p.unlink()
+    keep = ~((table["control"] == "patch") & (table["target_group"] == "recursive"))
+    table[keep].to_parquet(cells_dir / "part-0001.parquet", index=False)
+    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    assert res.completeness.missing_conditions == {MODEL: ["D"]}
+    assert "necessity" not in set(res.comparisons["comparison"])
+    text = " ".join(n.text for n in stats.derive_notes(res))
+    assert "no ok cell for condition(s) D" in text
+    assert "completeness cannot be checked" in text
+    assert res.transfer["necessity_fraction"].isna().all()
+
+
+def test_empty_results_folder(tmp_path):
+    (tmp_path / "empty" / "cells").mkdir(parents=True)
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"n_cells_total": 10}))
+    res = stats.run_stats(tmp_path / "empty")
+    assert res.conditions.empty and res.comparisons.empty
+    assert res.completeness.n_missing == 10
+    assert "no cells yet" in stats.derive_notes(res)[0].text
+    written = stats.write_tables(res)
+    assert all(p.exists() for p in written)
+
+
+def test_unknown_metric_names_the_alternatives(sweep):
+    with pytest.raises(ValueError, match="Available"):
+        stats.run_stats(sweep.path, metrics=["rvv"])
+
+
+def test_tables_are_written_as_parquet(sweep, result, tmp_path):
+    written = stats.write_tables(result, tmp_path / "stats")
+    names = {p.name for p in written}
+    assert {"conditions.parquet", "comparisons.parquet", "transfer.parquet",
+            "dose_response.parquet", "correlations.parquet", "models_side_by_side.parquet",
+            "summary.json"} <= names
+    back = pd.read_parquet(tmp_path / "stats" / "comparisons.parquet")
+    for col in ("comparison", "metric", "model", "a", "b", "n_a", "n_b", "mean_a", "mean_b",
+                "diff", "cohens_d", "d_ci_low", "d_ci_high", "test", "statistic", "p", "p_fdr",
+                "mw_statistic", "mw_p"):
+        assert col in back.columns
+    assert len(back) == len(result.comparisons)
+
+
+def test_natural_cells_normalise_whatever_the_writer_put_there():
+    frame = pd.DataFrame({
+        "cell_id": ["a", "b"], "model": ["m", "m"], "control": ["natural", "natural"],
+        "site": [None, "none"], "layers": ["16:32", None], "alpha": [1.0, None],
+        "source_group": ["recursive", None], "target_group": ["baseline", "baseline"],
+        "status": ["ok", "ok"], "rv": [0.9, 0.95],
+    })
+    norm = stats.normalise_cells(frame)
+    assert norm["condition"].nunique() == 1
+    assert set(norm["letter"]) == {"A"}
+    assert norm["alpha"].isna().all()
