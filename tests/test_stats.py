@@ -439,3 +439,34 @@ def test_natural_cells_normalise_whatever_the_writer_put_there():
     assert norm["condition"].nunique() == 1
     assert set(norm["letter"]) == {"A"}
     assert norm["alpha"].isna().all()
+
+
+def test_reads_what_the_result_store_writes(tmp_path):
+    """Shards written by store.ResultStore (timestamps, failures parquet) read back whole."""
+    store_mod = pytest.importorskip("rloop_ray.store")
+    import datetime as dt
+
+    sw = make_sweep(tmp_path, "src", models=(MODEL,), n_prompts=6, fail_every=7)
+    store = store_mod.ResultStore(tmp_path / "real")
+    store.prepare({"name": "real"})
+    store.start_run(planned={MODEL: len(sw.cells) + 2})
+    rows = []
+    for record in sw.written.to_dict("records"):
+        row = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+               for k, v in record.items()}
+        for key in ("source_level", "target_level"):
+            row[key] = None if row[key] is None else int(row[key])
+        row["finished_at"] = dt.datetime.now(dt.timezone.utc)
+        rows.append(row)
+    store.write_cells(rows[:40])
+    store.write_cells(rows[40:])
+    store.write_failures([r for r in rows if r["status"] == "failed"])
+    store.write_failures([{"cell_id": "lost", "model": MODEL, "error_type": "WorkerDied",
+                           "error": "actor died", "attempt": 1}])
+    res = stats.run_stats(tmp_path / "real", n_resamples=N_BOOT)
+    comp = res.completeness
+    assert comp.n_done == len(rows) + 1
+    assert comp.n_failed == int((sw.written["status"] == "failed").sum()) + 1
+    assert comp.n_failed_unattributed == 1
+    assert comp.n_expected == len(sw.cells) + 2 and comp.n_missing == 1
+    assert {"sufficiency", "necessity", "group_effect"} <= set(res.comparisons["comparison"])
