@@ -1565,6 +1565,7 @@ def _control_notes(result: StatsResult) -> list[Note]:
     effect = cmp.set_index(["model", "a", "metric"]).sort_index()
     lines_by_control: dict[str, list[str]] = {}
     moved_alone: dict[str, list[str]] = {}
+    unresolved: dict[str, list[str]] = {}
     for _, row in vs_patch.iterrows():
         ctrl = row["control"]
         if ctrl == "self":
@@ -1590,16 +1591,28 @@ def _control_notes(result: StatsResult) -> list[Note]:
             f" (p_fdr={_fmt_p(ce['p_fdr'])}) vs patch d={_fmt(pe['cohens_d'], 2)} "
             f"[{_fmt(pe['d_ci_low'], 2)}, {_fmt(pe['d_ci_high'], 2)}], {how}."
         )
-        if patch_sig and same:
+        overlap = _ci_overlap(ce["d_ci_low"], ce["d_ci_high"], pe["d_ci_low"], pe["d_ci_high"])
+        same_sign = np.sign(ce["cohens_d"]) == np.sign(pe["cohens_d"])
+        if patch_sig and same and overlap and same_sign:
             lines_by_control.setdefault(ctrl, []).append(detail)
+        elif patch_sig and same:
+            unresolved.setdefault(ctrl, []).append(detail)
         elif ctrl_sig and not patch_sig:
             moved_alone.setdefault(ctrl, []).append(detail)
     for ctrl, lines in sorted(lines_by_control.items()):
         notes.append(Note("control_as_large", (
             f"The '{ctrl}' control moved the metric as much as the patch did (the control's "
-            f"cells are not significantly different from the patched cells), so there the "
-            f"patch effect is not specific to the source's content: " + _capped(lines)
+            f"cells are not significantly different from the patched cells and the two "
+            f"effect intervals overlap), so there the patch effect is not specific to the "
+            f"source's content: " + _capped(lines)
         ), "warning"))
+    for ctrl, lines in sorted(unresolved.items()):
+        notes.append(Note("control_unresolved", (
+            f"Specificity not established against the '{ctrl}' control: the patch moved the "
+            f"metric, the control's effect interval does not reach the patch's, but the "
+            f"direct control-vs-patch test is not significant (too few cells to tell). "
+            + _capped(lines, 3)
+        )))
     for ctrl, lines in sorted(moved_alone.items()):
         notes.append(Note("control_moved", (
             f"The '{ctrl}' control moved the metric although the patch did not: any foreign "

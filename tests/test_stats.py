@@ -251,10 +251,16 @@ def test_transfer_efficiency_and_bootstrap_match_scipy(sweep, result):
     assert null_point["eff_ci_low"] < 0.0 < null_point["eff_ci_high"]
 
 
-def test_transfer_bootstrap_is_seeded(sweep):
-    one = stats.run_stats(sweep.path, n_resamples=N_BOOT, seed=5).transfer
-    two = stats.run_stats(sweep.path, n_resamples=N_BOOT, seed=5).transfer
+def test_transfer_bootstrap_is_seeded_and_independent_of_row_order(sweep):
+    cells = stats.load_results(sweep.path).cells
+    cells = cells[cells["model"] == MODEL]
+    metrics = ["rv"]
+    one = stats.transfer_efficiency(cells, metrics, seed=5, n_resamples=N_BOOT)
+    shuffled = cells.sample(frac=1.0, random_state=0)  # as if written in other shards
+    two = stats.transfer_efficiency(shuffled, metrics, seed=5, n_resamples=N_BOOT)
     pd.testing.assert_frame_equal(one, two)
+    other = stats.transfer_efficiency(cells, metrics, seed=6, n_resamples=N_BOOT)
+    assert not np.allclose(one["eff_ci_low"], other["eff_ci_low"], equal_nan=True)
 
 
 def test_dose_response_matches_scipy(sweep, result):

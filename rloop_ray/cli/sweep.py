@@ -128,7 +128,7 @@ def sweep(
             resume=resume,
             overwrite=overwrite,
             spec_file=os.fspath(grid_file),
-            digest=spec.spec_hash(),
+            digest=grid.digest(),
         )
     except StoreError as exc:
         typer.echo(f"error: {exc}", err=True)
