@@ -86,7 +86,7 @@ class DriverConfig:
     retry_failed: bool = True  # a resume re-runs cells recorded as failed
     progress: bool | None = None  # None: a tqdm bar on a TTY unless CI is set
     log_every: float = 30.0  # seconds between progress log lines when there is no bar
-    handle_sigint: bool = True  # first Ctrl-C stops dispatching and flushes
+    handle_sigint: bool = True  # first Ctrl-C/SIGTERM stops dispatching and flushes
 
 
 @dataclass
@@ -206,12 +206,37 @@ def _coordinates(cell: Any) -> dict[str, Any]:
     raise TypeError(f"{type(cell).__name__} has no coordinates() and is not a dataclass")
 
 
-def _default_workers(config: DriverConfig, use_gpus: bool, resources: Mapping[str, float]) -> int:
+def _replica_slots(nodes: Sequence[Mapping[str, float]], key: str, per_replica: float) -> int:
+    """How many replicas needing `per_replica` of resource `key` fit, node by node.
+
+    A replica's GPUs must be on one node (accelerate's `device_map` spreads a model over
+    the GPUs of one process), so two 1-GPU nodes hold no 2-GPU replica.
+    """
+    if per_replica <= 0:
+        return sum(math.floor(n.get(key, 0)) for n in nodes)
+    return sum(math.floor(n.get(key, 0) / per_replica + 1e-9) for n in nodes)
+
+
+def _node_resources() -> list[dict[str, float]]:
+    """Total resources of each alive node, as the cluster has them now."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def _default_workers(
+    config: DriverConfig, use_gpus: bool, nodes: Sequence[Mapping[str, float]]
+) -> int:
+    """Replicas per model: `config.workers`, else as many as the nodes hold now.
+
+    Counted when a model starts; nodes that join later are used only by replicas asked for
+    up front (`workers`), which wait as pending actors (the autoscaler's demand) meanwhile.
+    """
     if config.workers is not None:
         return max(1, config.workers)
     if use_gpus:
-        return max(1, math.floor(resources.get("GPU", 0) / config.gpus_per_worker))
-    return max(1, math.floor(resources.get("CPU", 1) / config.cpus_per_worker))
+        return max(1, _replica_slots(nodes, "GPU", config.gpus_per_worker))
+    return max(1, _replica_slots(nodes, "CPU", config.cpus_per_worker))
 
 
 def _progress_enabled(config: DriverConfig) -> bool:
@@ -281,27 +306,37 @@ class _Progress:
 
 
 class _SigintLatch:
-    """First Ctrl-C sets a flag (stop dispatching, flush, exit 130); a second one aborts."""
+    """First Ctrl-C or SIGTERM sets a flag (stop dispatching, flush, exit 130); a second aborts.
+
+    SIGTERM is what `ray job stop` sends a job's entrypoint (then SIGKILL after
+    `RAY_JOB_STOP_WAIT_TIME_S`, 3 s by default), and what Kubernetes sends a pod.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool) -> None:
         self.stop = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        log.warning("interrupt: no new units; flushing finished cells (Ctrl-C again to abort)")
+        log.warning(
+            "%s: no new units; flushing finished cells (Ctrl-C again to abort)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> _SigintLatch:
         if self._enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():  # None: it was not set from Python
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
 
 class _Run:
@@ -509,11 +544,12 @@ class _Run:
     ) -> None:
         """A unit's result arrived: rows, a dead worker (requeue), or a task error (record)."""
         import ray
-        from ray.exceptions import RayActorError, RayError
+        from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError
 
         try:
             rows = ray.get(ref)  # already ready: does not block
-        except RayActorError as exc:  # died, restarting, or unreachable
+        except (RayActorError, ObjectLostError, NodeDiedError) as exc:
+            # Died, restarting or unreachable, or its node went away with the result.
             worker_lost(w, task, exc)
             return
         except RayError as exc:  # the call itself failed (e.g. result not serialisable)
@@ -694,11 +730,13 @@ def run_sweep(
         if not ray.is_initialized():
             stack.enter_context(ray_session())
         resources = ray.cluster_resources()
+        nodes = _node_resources()
         use_gpus = cfg.use_gpus if cfg.use_gpus is not None else resources.get("GPU", 0) > 0
-        if use_gpus and resources.get("GPU", 0) < cfg.gpus_per_worker:
+        if use_gpus and _replica_slots(nodes, "GPU", cfg.gpus_per_worker) < 1:
+            per_node = sorted((n.get("GPU", 0) for n in nodes), reverse=True)
             raise DriverError(
-                f"GPU workers need {cfg.gpus_per_worker} GPUs each; the cluster has "
-                f"{resources.get('GPU', 0)}"
+                f"GPU workers need {cfg.gpus_per_worker} GPUs each, on one node; the "
+                f"cluster has {resources.get('GPU', 0)} GPUs, per node {per_node}"
             )
         store.start_run(
             planned=planned,
@@ -725,7 +763,8 @@ def run_sweep(
             for model, model_tasks in tasks.items():
                 if latch.stop:
                     break
-                n_workers = min(_default_workers(cfg, use_gpus, resources), len(model_tasks))
+                nodes = _node_resources()  # nodes that joined since the last model count
+                n_workers = min(_default_workers(cfg, use_gpus, nodes), len(model_tasks))
                 try:
                     run.run_model(model, model_tasks, n_workers, use_gpus)
                 except DriverError as exc:

@@ -74,6 +74,7 @@ class Document:
 
     def bullets(self, items: Sequence[str | tuple[str, str]]) -> None:
         pairs = [(i if isinstance(i, tuple) else ("info", i)) for i in items]
+        pairs = [(level, " ".join(text.split())) for level, text in pairs]  # one line each
         self.blocks.append(Block("bullets", items=list(pairs)))
 
     def table(self, frame: pd.DataFrame, source: str = "", max_rows: int = MAX_ROWS) -> None:
@@ -265,7 +266,7 @@ def _comparison_view(cmp: pd.DataFrame, q: float) -> pd.DataFrame:
             "" if not np.isfinite(lo) else f"[{lo:.2f}, {hi:.2f}]"
             for lo, hi in zip(cmp["d_ci_low"], cmp["d_ci_high"], strict=True)],
         "test": cmp["test"], "p": cmp["p"], "p_fdr": cmp["p_fdr"],
-        "sig": [stars(p, q) for p in cmp["p_fdr"]], "mw_p": cmp["mw_p"],
+        "sig": [stars(p, q) for p in cmp["p_fdr"]], "mw_p": cmp["mw_p"], "note": cmp["note"],
     })
     return view
 

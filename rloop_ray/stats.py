@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -862,11 +863,19 @@ def bootstrap_ratio(
         picked = [data[i] for i in index]
         return _ratio_of_gaps(*picked, axis=axis)
 
-    res = stats.bootstrap(
-        tuple(unique), statistic, n_resamples=n_resamples, vectorized=True, paired=False,
-        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", stats.DegenerateDataWarning)
+        res = stats.bootstrap(
+            tuple(unique), statistic, n_resamples=n_resamples, vectorized=True, paired=False,
+            confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+        )
+    for w in caught:
+        if not issubclass(w.category, stats.DegenerateDataWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     ci = res.confidence_interval
+    if any(issubclass(w.category, stats.DegenerateDataWarning) for w in caught):
+        # Too few distinct values (or a zero denominator in resamples): no honest interval.
+        return (math.nan, math.nan)
     return (float(ci.low), float(ci.high))
 
 
@@ -932,6 +941,10 @@ def transfer_efficiency(
                             (vb, vd, vb, va), seed=seed, n_resamples=n_resamples,
                             confidence=confidence,
                         )
+                    if (np.isfinite(row["efficiency"]) and not np.isfinite(row["eff_ci_low"])) \
+                            or (np.isfinite(row["necessity_fraction"])
+                                and not np.isfinite(row["nec_ci_low"])):
+                        notes.append("bootstrap degenerate (too few distinct values): no CI")
                 row["note"] = "; ".join(notes)
                 rows.append(row)
     return pd.DataFrame(rows, columns=_TRANSFER_COLUMNS)
@@ -951,13 +964,41 @@ def _mean(values: np.ndarray) -> float:
 # --- dose-response and correlations -------------------------------------------------------
 
 
+SMALL_N_PERMUTATION = 10
+"""Below this many cells a Spearman p-value comes from a permutation test: the t
+approximation of `spearmanr` gives p = 0 for a perfect rank order of 3 cells."""
+
+
+def _rank_correlation(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's rho along `axis` (Pearson of the ranks), vectorised for resampling."""
+    rx = stats.rankdata(x, axis=axis)
+    ry = stats.rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    num = (rx * ry).sum(axis=axis)
+    den = np.sqrt((rx * rx).sum(axis=axis) * (ry * ry).sum(axis=axis))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num / den
+
+
 def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
     if len(x) < 3:
         return (math.nan, math.nan, "fewer than 3 cells")
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return (math.nan, math.nan, "constant input")
     res = stats.spearmanr(x, y)
-    return (float(res.statistic), float(res.pvalue), "")
+    if len(x) >= SMALL_N_PERMUTATION:
+        return (float(res.statistic), float(res.pvalue), "")
+
+    def statistic(xs: np.ndarray, axis: int = -1) -> np.ndarray:
+        return _rank_correlation(xs, np.broadcast_to(y, xs.shape), axis=axis)
+
+    # One sample permuted against fixed y: n! pairings, enumerated exactly for n <= 7.
+    perm = stats.permutation_test(
+        (x,), statistic, permutation_type="pairings", vectorized=True,
+        n_resamples=9999, alternative="two-sided", rng=np.random.default_rng(0),
+    )
+    return (float(res.statistic), float(perm.pvalue), "permutation p-value (small n)")
 
 
 def dose_response(cells: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -1054,8 +1095,8 @@ def behaviour_correlations(
                     ci = pr.confidence_interval()
                     row.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
                                pearson_ci_low=float(ci.low), pearson_ci_high=float(ci.high))
-                    rho, p, _ = _spearman(x, y)
-                    row.update(spearman_rho=rho, spearman_p=p)
+                    rho, p, note = _spearman(x, y)
+                    row.update(spearman_rho=rho, spearman_p=p, note=note)
                 rows.append(row)
     return pd.DataFrame(rows, columns=_CORR_COLUMNS)
 
@@ -1515,6 +1556,7 @@ def derive_notes(result: StatsResult) -> list[Note]:
     )))
     notes.extend(_transplant_notes(result))
     notes.extend(_control_notes(result))
+    notes.extend(_alpha_zero_notes(result))
     notes.extend(_transfer_notes(result))
     notes.extend(_dose_notes(result))
     notes.extend(_model_notes(result))
@@ -1635,6 +1677,28 @@ def _control_notes(result: StatsResult) -> list[Note]:
                 f"comparisons, as it must be."
             )))
     return notes
+
+
+def _alpha_zero_notes(result: StatsResult) -> list[Note]:
+    """alpha = 0 must reproduce the unpatched run: any effect there is an implementation bug."""
+    cmp = result.comparisons
+    zero = cmp[(cmp["alpha"] == 0.0) & ~cmp["comparison"].str.startswith("control_vs_patch")
+               & (cmp["comparison"] != "source_natural")
+               & cmp["metric"].isin(primary_metrics(result.metrics))]
+    if zero.empty:
+        return []
+    bad = zero[zero["p_fdr"] < result.q]
+    if bad.empty:
+        return [Note("alpha_zero", (
+            f"Cells patched with alpha = 0 are indistinguishable from natural in all "
+            f"{len(zero)} comparisons, as they must be (alpha = 0 is the unpatched run)."
+        ))]
+    lines = [f"{r['model']}, {r['metric']}, '{r['a']}' (p_fdr={_fmt_p(r['p_fdr'])})"
+             for _, r in bad.iterrows()]
+    return [Note("alpha_zero", (
+        "Cells patched with alpha = 0 differ from natural, which they must not (alpha = 0 "
+        "reproduces the unpatched run): suspect the intervention code. " + _capped(lines)
+    ), "warning")]
 
 
 def _first_effect(

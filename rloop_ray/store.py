@@ -11,9 +11,13 @@ Layout (DESIGN §4)::
     results/<name>/cells/*.parquet    one row per cell attempt (readers keep one per cell_id)
     results/<name>/failures/*.parquet error type + traceback per failed attempt
 
-All file access goes through `pyarrow.fs` (`FileSystem.from_uri`), so an object store
-(s3://, gs://) only needs the atomic-write branch below; local paths get a real
-temp + fsync + rename.
+All file access goes through `pyarrow.fs` (`FileSystem.from_uri`), so the store may live
+on a shared or object-store URI (`s3://`, `gs://`, `file://`; other fsspec protocols such as
+`memory://` through `FSSpecHandler`) where every driver, on any node or a later cluster,
+sees the same rows. How a shard is made atomic depends on the filesystem
+(`_atomic_write`): local paths get temp + fsync + rename, object stores a single PUT of
+the fully serialised file (an object appears whole when its upload completes), other
+filesystems (HDFS, a SubTreeFileSystem) temp + `move`.
 """
 
 from __future__ import annotations
@@ -215,12 +219,50 @@ def git_state(repo_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         return {"git_sha": None, "git_dirty": None}
 
 
+OBJECT_STORE_TYPES = frozenset({"s3", "gcs", "abfs"})
+"""pyarrow filesystem `type_name`s whose writes publish atomically and whose `move` is a copy."""
+
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+"""The same, for fsspec filesystems wrapped in a `PyFileSystem`."""
+
+
 def _resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """A filesystem and a path in it; local paths are made absolute (from_uri needs that)."""
+    """A filesystem and a path in it, from a local path or a URI.
+
+    Local paths are made absolute (`from_uri` needs that). A URI goes to pyarrow's
+    `FileSystem.from_uri` (`file://`, `s3://`, `gs://`, `hdfs://`, with options as query
+    parameters, e.g. `s3://bucket/dir?endpoint_override=host:9000&scheme=http`); a scheme
+    pyarrow does not know is tried with fsspec (e.g. `memory://`, `az://`) when installed.
+    """
     text = os.fspath(uri)
     if "://" not in text:
         text = str(Path(text).expanduser().resolve())
-    return pafs.FileSystem.from_uri(text)
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except pa.ArrowInvalid as exc:
+        if "Unrecognized filesystem type" not in str(exc):
+            raise
+        try:
+            import fsspec.core
+        except ImportError:
+            raise StoreError(f"{text}: pyarrow does not know this scheme: {exc}") from exc
+        try:
+            fs, path = fsspec.core.url_to_fs(text)
+        except (ImportError, ValueError) as fexc:
+            raise StoreError(f"{text}: neither pyarrow nor fsspec can open it: {fexc}") from exc
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _is_object_store(fs: pafs.FileSystem) -> bool:
+    """True for filesystems where a finished upload is atomic and a rename is a copy."""
+    if fs.type_name in OBJECT_STORE_TYPES:
+        return True
+    if isinstance(fs, pafs.PyFileSystem):
+        inner = getattr(fs.handler, "fs", None)
+        protocol = getattr(inner, "protocol", None)
+        protocols = {protocol} if isinstance(protocol, str) else set(protocol or ())
+        return bool(protocols & OBJECT_STORE_PROTOCOLS)
+    return False
 
 
 def _table_from_rows(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -288,11 +330,21 @@ class ModelCounts:
 
 
 class ResultStore:
-    """Handle on `results/<name>/`; constructing it does no I/O."""
+    """Handle on `results/<name>/`; constructing it does no I/O.
 
-    def __init__(self, uri: str | os.PathLike[str]) -> None:
+    `uri` is a local path or a URI (`file:///...`, `s3://bucket/...`, `gs://...`; see
+    `_resolve`). With `filesystem`, `uri` is a path inside that pyarrow filesystem (for
+    options a URI cannot carry, or a `SubTreeFileSystem`).
+    """
+
+    def __init__(
+        self, uri: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None
+    ) -> None:
         self.uri = os.fspath(uri)
-        self.fs, self.root = _resolve(self.uri)
+        if filesystem is not None:
+            self.fs, self.root = filesystem, self.uri
+        else:
+            self.fs, self.root = _resolve(self.uri)
         self.name = self.root.rstrip("/").rsplit("/", 1)[-1]
 
     def __repr__(self) -> str:
@@ -317,9 +369,13 @@ class ResultStore:
     def _atomic_write(self, path: str, write: Callable[[Any], None]) -> None:
         """Write `path` so readers see either nothing or the whole file.
 
-        Local: temp name in the same directory (dot-prefixed, so pyarrow.dataset ignores it),
-        flush + fsync, `os.replace`, fsync of the directory. Object stores publish a PUT
-        atomically, so there the file is written directly under its final name.
+        Local: temp name in the same directory (dot-prefixed, so readers ignore it),
+        flush + fsync, `os.replace`, fsync of the directory. Elsewhere the file is first
+        serialised into memory, so an error while writing it never reaches the filesystem
+        (a stream's `close` would publish what it got). Object stores (S3, GCS, Azure)
+        publish an upload atomically when it completes, and their `move` is a copy, so the
+        buffer is uploaded under its final name; other filesystems (HDFS, a
+        SubTreeFileSystem) get the buffer under a dot-prefixed temp name, then `move`.
         """
         parent, _, base = path.rpartition("/")
         if isinstance(self.fs, pafs.LocalFileSystem):
@@ -341,9 +397,23 @@ class ResultStore:
             finally:
                 os.close(dir_fd)
         else:
+            sink = pa.BufferOutputStream()
+            write(sink)
+            data = sink.getvalue()
             self.fs.create_dir(parent, recursive=True)
-            with self.fs.open_output_stream(path) as out:
-                write(out)
+            if _is_object_store(self.fs):
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+                return
+            tmp = f"{parent}/.{base}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                with self.fs.open_output_stream(tmp) as out:
+                    out.write(data)
+                self.fs.move(tmp, path)
+            except BaseException:
+                if self._exists(tmp):
+                    self.fs.delete_file(tmp)
+                raise
 
     def _shard_name(self, prefix: str) -> str:
         stamp = now_utc().strftime("%Y%m%dT%H%M%S%f")

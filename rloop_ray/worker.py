@@ -172,26 +172,149 @@ def remote_worker(
     ).remote(engine_factory, model, index)
 
 
+GPU_MEMORY_FRACTION = 0.9
+"""Share of each assigned GPU's free memory that a multi-GPU `device_map` may fill with
+weights; the rest is left to the KV caches and activations of a batch."""
+
+
+def _local_gpu_indices(accelerator_ids: Sequence[str]) -> list[int]:
+    """CUDA ordinals, inside this process, of the GPUs Ray assigned.
+
+    Ray narrows `CUDA_VISIBLE_DEVICES` to the assigned ids, so they are `0..n-1` here;
+    with `RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES` every GPU stays visible and the
+    assigned ids are the ordinals themselves.
+    """
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "") not in ("", "0"):
+        return [int(i) for i in accelerator_ids]
+    return list(range(len(accelerator_ids)))
+
+
 class SpecEngineFactory:
     """Picklable `model id -> engine.Engine` built from the grid's model table.
 
-    The device is decided on the worker, not the driver: a replica that Ray gave a GPU
-    (CUDA_VISIBLE_DEVICES already narrowed to it) loads on `cuda`, a CPU replica on `cpu`,
-    and a model with `device_map` (spread over several GPUs) keeps it.
+    The device is decided on the worker, not the driver (`engine_kwargs`): a replica that
+    Ray gave one GPU (CUDA_VISIBLE_DEVICES already narrowed to it) loads on `cuda`, a CPU
+    replica on `cpu`, a replica with several GPUs (`gpus_per_replica: 2`) through
+    accelerate's `device_map` over exactly those GPUs, and a model with its own
+    `device_map` keeps it.
     """
 
     def __init__(self, models: dict[str, dict[str, Any]]) -> None:
         """`models`: model id -> {"name_or_path": ..., plus `Engine` keyword arguments}."""
         self.models = {k: dict(v) for k, v in models.items()}
 
+    def gpu_free_bytes(self, index: int) -> int | None:
+        """Free memory of local CUDA device `index`, None where torch sees no such GPU."""
+        import torch
+
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            return None
+        return int(torch.cuda.mem_get_info(index)[0])
+
+    def engine_kwargs(
+        self, model: str, accelerator_ids: Sequence[str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """(name or path, `Engine` keyword arguments) for a replica holding these GPUs.
+
+        `accelerator_ids`: the GPUs Ray assigned to this worker (default: asked of Ray).
+        Several GPUs and no explicit map: `device_map="auto"` with `max_memory` naming only
+        the assigned GPUs (a fraction of each one's free memory, no "cpu" entry), so
+        accelerate spreads the layers over them and never offloads to the host.
+        """
+        if model not in self.models:
+            raise KeyError(f"unknown model {model!r}; the sweep has {sorted(self.models)}")
+        if accelerator_ids is None:
+            accelerator_ids = _runtime_ids()["accelerator_ids"]
+        ids = list(accelerator_ids)
+        kwargs = dict(self.models[model])
+        path = kwargs.pop("name_or_path", None) or model
+        device_map = kwargs.pop("device_map", None) or None
+        if len(ids) > 1 and device_map is None:
+            device_map = "auto"
+        if device_map is None:
+            kwargs.setdefault("device", "cuda" if ids else "cpu")
+            return path, kwargs
+        kwargs["device_map"] = device_map
+        if len(ids) > 1 and isinstance(device_map, str) and "max_memory" not in kwargs:
+            budget = {i: self.gpu_free_bytes(i) for i in _local_gpu_indices(ids)}
+            if all(b is not None for b in budget.values()):
+                kwargs["max_memory"] = {
+                    i: int(GPU_MEMORY_FRACTION * b) for i, b in budget.items() if b is not None
+                }
+            else:  # logical GPUs without CUDA (tests): accelerate places on what exists
+                log.warning("GPUs %s assigned but torch sees no CUDA device", ",".join(ids))
+        return path, kwargs
+
     def __call__(self, model: str) -> EngineLike:
         from rloop_ray.engine import Engine
 
-        if model not in self.models:
-            raise KeyError(f"unknown model {model!r}; the sweep has {sorted(self.models)}")
-        kwargs = dict(self.models[model])
-        path = kwargs.pop("name_or_path", None) or model
-        if not kwargs.get("device_map"):
-            kwargs.pop("device_map", None)
-            kwargs.setdefault("device", "cuda" if _runtime_ids()["accelerator_ids"] else "cpu")
+        path, kwargs = self.engine_kwargs(model)
+        max_memory = kwargs.pop("max_memory", None)
+        if max_memory is not None:  # resolved here: `Engine` takes a device_map only
+            kwargs["device_map"] = gpu_device_map(
+                path,
+                max_memory,
+                strategy=kwargs["device_map"],
+                dtype=kwargs.get("dtype", "float32"),
+                trust_remote_code=kwargs.get("trust_remote_code", False),
+                revision=kwargs.get("revision"),
+            )
         return Engine(path, **kwargs)
+
+
+def gpu_device_map(
+    name_or_path: str,
+    max_memory: dict[int, int],
+    *,
+    strategy: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> dict[str, int]:
+    """An explicit accelerate `device_map` of a model over the GPUs in `max_memory`.
+
+    What `from_pretrained(device_map=strategy, max_memory=...)` would compute, done on an
+    empty (meta) model from the config alone, so it needs no GPU and no weights. `auto`,
+    `balanced` and `balanced_low_0` balance the layers over the GPUs, `sequential` fills
+    them in order. A model that does not fit (accelerate would offload to "cpu" or
+    "disk") is refused: raise `gpus_per_replica` or use a 16-bit dtype.
+    """
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rloop_ray.engine.models import _torch_dtype, resolve_model
+
+    source = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(
+        source.location, revision=revision, trust_remote_code=trust_remote_code
+    )
+    torch_dtype = _torch_dtype(dtype)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(
+            config,
+            dtype=None if torch_dtype == "auto" else torch_dtype,
+            trust_remote_code=trust_remote_code,
+        )
+    empty.tie_weights()
+    no_split = getattr(empty, "_no_split_modules", None)
+    budget: dict[int | str, int | str] = dict(max_memory)
+    if strategy != "sequential":
+        budget = get_balanced_memory(
+            empty,
+            max_memory=budget,
+            no_split_module_classes=no_split,
+            low_zero=strategy == "balanced_low_0",
+        )
+    device_map = dict(
+        infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=no_split)
+    )
+    off_gpu = sorted(k for k, v in device_map.items() if not isinstance(v, int))
+    if off_gpu:
+        raise ValueError(
+            f"{name_or_path} ({dtype}) does not fit on GPUs {sorted(max_memory)} "
+            f"({', '.join(f'{b / 2**30:.1f} GiB' for b in max_memory.values())} for weights): "
+            f"{', '.join(off_gpu[:3])} would be offloaded. Raise gpus_per_replica or use "
+            f"dtype bfloat16."
+        )
+    return device_map

@@ -25,7 +25,8 @@ MEASURE = MeasureConfig(early_layer="25%", late_layer="75%", window=4,
                         scorers=("logprob_contrast",))
 
 FAST_MODELS = ["tiny-llama", "tiny-mistral", "tiny-gemma3"]
-ALL_MODELS = [*FAST_MODELS, pytest.param("smollm2-135m", marks=pytest.mark.slow)]
+ALL_MODELS = [*FAST_MODELS, pytest.param("smollm2-135m", marks=pytest.mark.slow),
+              pytest.param("gemma3-270m", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")

@@ -476,3 +476,23 @@ def test_reads_what_the_result_store_writes(tmp_path):
     assert comp.n_failed_unattributed == 1
     assert comp.n_expected == len(sw.cells) + 2 and comp.n_missing == 1
     assert {"sufficiency", "necessity", "group_effect"} <= set(res.comparisons["comparison"])
+
+
+def test_small_n_spearman_uses_an_exact_permutation_p():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    y = np.array([1.0, 2.0, 3.0, 5.0, 4.0])
+    rho, p, note = stats._spearman(x, y)
+    assert rho == pytest.approx(ss.spearmanr(x, y).statistic)
+    assert p == pytest.approx(10 / 120)  # 5 of 120 orderings reach |rho| >= 0.9 each side
+    assert "permutation" in note
+    rho3, p3, _ = stats._spearman(x[:3], y[:3])
+    assert rho3 == pytest.approx(1.0) and p3 == pytest.approx(1 / 3)  # not the t-approx 0
+    big = np.arange(30.0)
+    _, p_big, note_big = stats._spearman(big, big ** 2 % 7)
+    assert p_big == pytest.approx(ss.spearmanr(big, big ** 2 % 7).pvalue) and note_big == ""
+
+
+def test_alpha_zero_check(result):
+    notes = {n.kind: n for n in stats.derive_notes(result)}
+    assert "indistinguishable from natural" in notes["alpha_zero"].text
+    assert notes["alpha_zero"].level == "info"

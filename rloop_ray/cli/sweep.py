@@ -45,7 +45,9 @@ def _engine_models(grid: Grid) -> dict[str, dict[str, Any]]:
 
 
 def _join(results_dir: str, name: str) -> str:
-    return f"{results_dir.rstrip('/')}/{name}"
+    """`results_dir`/`name`; a URI keeps its query: `s3://b/r?region=x` -> `s3://b/r/n?region=x`."""
+    base, sep, query = results_dir.partition("?") if "://" in results_dir else (results_dir, "", "")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
 @app.command()
@@ -58,7 +60,11 @@ def sweep(
         str | None, typer.Option(help="Sweep directory name (default: the grid's `name`).")
     ] = None,
     results_dir: Annotated[
-        str, typer.Option(help="Where sweep directories live (a path or a pyarrow URI).")
+        str,
+        typer.Option(
+            help="Where sweep directories live: a path, or a URI every driver of the sweep "
+            "can reach (file:///shared/results, s3://bucket/results, gs://bucket/results)."
+        ),
     ] = "results",
     address: Annotated[
         str | None,
@@ -121,6 +127,12 @@ def sweep(
         raise typer.Exit(2)
     if address and (num_gpus is not None or num_cpus is not None):
         typer.echo("warning: --num-gpus/--num-cpus size a local cluster; ignored with --address")
+    if address and "://" not in results_dir and not os.path.isabs(results_dir):
+        typer.echo(
+            f"warning: --results-dir {results_dir} is relative to this driver's working "
+            f"directory ({os.getcwd()}); under `ray job submit` that is a temporary copy. "
+            f"Use an absolute path on shared storage or a URI (s3://, gs://, file://)."
+        )
     store = ResultStore(_join(results_dir, name or spec.name))
     try:
         store.prepare(

@@ -457,6 +457,7 @@ class Engine:
                                                         list[torch.Tensor]]:
         """Left-pad each layer's per-row caches to one (B, H, T_l, D) tensor + validity."""
         keys, values, valid = [], [], []
+        prev_lens: list[int] | None = None
         for layer in range(self.n_layers):
             lens = [r.keys[layer].shape[1] for r in rows]
             t_max = max(lens)
@@ -464,12 +465,15 @@ class Engine:
             k = k0.new_zeros((len(rows), k0.shape[0], t_max, k0.shape[2]))
             v0 = rows[0].values[layer]
             v = v0.new_zeros((len(rows), v0.shape[0], t_max, v0.shape[2]))
-            ok = torch.zeros((len(rows), t_max), dtype=torch.bool, device=k0.device)
             for b, (row, n) in enumerate(zip(rows, lens)):
                 if n:
                     k[b, :, t_max - n:] = row.keys[layer]
                     v[b, :, t_max - n:] = row.values[layer]
-                    ok[b, t_max - n:] = True
+            if lens != prev_lens:  # layers with equal lengths share one validity tensor
+                ok = torch.zeros((len(rows), t_max), dtype=torch.bool, device=k0.device)
+                for b, n in enumerate(lens):
+                    ok[b, t_max - n:] = n > 0
+                prev_lens = lens
             keys.append(k)
             values.append(v)
             valid.append(ok)
@@ -482,10 +486,20 @@ class Engine:
         q_len = input_ids.shape[1]
         new_valid = torch.ones((input_ids.shape[0], q_len), dtype=torch.bool,
                                device=input_ids.device) if q_valid is None else q_valid
+        # layers sharing a validity tensor (no transplant) share one mask: build each once
+        grown: dict[int, torch.Tensor] = {}
         for layer in range(self.n_layers):
-            valid[layer] = torch.cat([valid[layer], new_valid], dim=1)
-        masks = [attention.decode_mask(valid[layer], q_len, self._windows[layer])
-                 for layer in range(self.n_layers)]
+            key = id(valid[layer])
+            if key not in grown:
+                grown[key] = torch.cat([valid[layer], new_valid], dim=1)
+            valid[layer] = grown[key]
+        built: dict[tuple[int, int | None], torch.Tensor] = {}
+        masks = []
+        for layer in range(self.n_layers):
+            key2 = (id(valid[layer]), self._windows[layer])
+            if key2 not in built:
+                built[key2] = attention.decode_mask(valid[layer], q_len, self._windows[layer])
+            masks.append(built[key2])
         with attention.layer_masks(masks):
             out = self.model(input_ids=input_ids, position_ids=positions, cache=cache,
                              use_cache=True)
@@ -633,8 +647,9 @@ class Engine:
                                              for k, v in zip(keys, values)])
         positions = torch.tensor([r.position for r in rows] * 2, device=self.device)
         positions = positions[:, None] + torch.arange(q_len, device=self.device)[None, :]
-        logits = self._forward(cache, [v.repeat(2, 1) for v in valid], inputs, positions,
-                               q_valid=q_valid)
+        doubled: dict[int, torch.Tensor] = {}
+        valid2 = [doubled.setdefault(id(v), v.repeat(2, 1)) for v in valid]
+        logits = self._forward(cache, valid2, inputs, positions, q_valid=q_valid)
         logp = torch.log_softmax(logits, dim=-1)
         means = []
         for half, cont in enumerate(conts):
