@@ -102,7 +102,7 @@ class Engine:
     def __init__(self, model: str, *, dtype: str = "float32", device: str = "cpu",
                  device_map: str | dict | None = None, chat_template: bool = False,
                  trust_remote_code: bool = False, revision: str | None = None,
-                 max_batch_size: int = 32, prompt_cache_size: int = 256) -> None:
+                 max_batch_size: int = 32, prompt_cache_size: int = 64) -> None:
         from rloop_ray.engine.models import load_model
 
         self.loaded = load_model(model, dtype=dtype, device=device, device_map=device_map,

@@ -15,17 +15,22 @@ class SpecError(ValueError):
     """A layer or token spec that cannot be resolved; the message says why."""
 
 
+def _round_fraction(text: str, n: int) -> int:
+    """`"p%"` of `n`, rounded half up; p must lie in 0..100."""
+    try:
+        frac = float(text[:-1]) / 100.0
+    except ValueError as exc:
+        raise SpecError(f"bad fraction {text!r}") from exc
+    if not 0.0 <= frac <= 1.0:
+        raise SpecError(f"fraction {text!r} is outside 0%..100%")
+    return int(math.floor(frac * n + 0.5))
+
+
 def _layer_point(text: str, n_layers: int, *, is_end: bool) -> int:
     text = text.strip()
     if text.endswith("%"):
-        try:
-            frac = float(text[:-1]) / 100.0
-        except ValueError as exc:
-            raise SpecError(f"bad fraction {text!r}") from exc
-        if not 0.0 <= frac <= 1.0:
-            raise SpecError(f"fraction {text!r} is outside 0%..100%")
         # round-half-up so 12.5% of 32 layers is layer 4 and 84% of 32 is 27
-        return int(math.floor(frac * n_layers + 0.5))
+        return _round_fraction(text, n_layers)
     try:
         value = int(text)
     except ValueError as exc:
@@ -73,13 +78,7 @@ def resolve_layers(spec: str | int | list[int] | tuple[int, ...], n_layers: int)
 def _count(text: str, length: int) -> int:
     text = text.strip()
     if text.endswith("%"):
-        try:
-            frac = float(text[:-1]) / 100.0
-        except ValueError as exc:
-            raise SpecError(f"bad fraction {text!r}") from exc
-        if not 0.0 <= frac <= 1.0:
-            raise SpecError(f"fraction {text!r} is outside 0%..100%")
-        return max(1, int(math.floor(frac * length + 0.5))) if length else 0
+        return max(1, _round_fraction(text, length)) if length else 0
     try:
         n = int(text)
     except ValueError as exc:
