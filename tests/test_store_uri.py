@@ -203,11 +203,14 @@ def test_cli_resume_and_status_from_a_file_uri(ray_local, tmp_path, monkeypatch)
 
     import rloop_ray.worker
     from rloop_ray.cli import app
+    from rloop_ray.grid import load_grid
     from rloop_ray.null_engine import NullEngineFactory
+
+    failing: list[str] = []
 
     class FakeSpecFactory(NullEngineFactory):
         def __init__(self, models: dict) -> None:
-            super().__init__({})
+            super().__init__({"fail_cells": list(failing)})
 
     monkeypatch.setattr(rloop_ray.worker, "SpecEngineFactory", FakeSpecFactory)
     grid = tmp_path / "grid.yaml"
@@ -223,22 +226,27 @@ def test_cli_resume_and_status_from_a_file_uri(ray_local, tmp_path, monkeypatch)
             """
         )
     )
+    failing_ids = [c.cell_id for c in load_grid(grid).cells[::4]]  # 5 of 20
+    failing.extend(failing_ids)
     res = tmp_path / "shared results"  # a space: the URI is percent-encoded
     uri = res.as_uri()
     runner = CliRunner()
     base = ["sweep", str(grid), "--workers", "1"]
-    first = runner.invoke(app, [*base, "--results-dir", uri, "--model", "m1"])
-    assert first.exit_code == 0, first.output
-    assert f"-> {uri}/tiny" in first.output and "complete: 10 cells ok" in first.output
+    first = runner.invoke(app, [*base, "--results-dir", uri])
+    assert first.exit_code == 1, first.output
+    assert f"-> {uri}/tiny" in first.output and "15 cells ok, 5 failed" in first.output
     assert (res / "tiny" / "manifest.json").exists()  # a file URI is that directory
 
+    failing.clear()
     resumed = runner.invoke(app, [*base, "--results-dir", str(res), "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert "complete: 10 cells ok" in resumed.output and "10 already done" in resumed.output
+    assert "complete: 5 cells ok" in resumed.output and "15 already done" in resumed.output
 
     status = runner.invoke(app, ["status", f"{uri}/tiny"])
     assert status.exit_code == 0, status.output
     lines = {ln.split()[0]: ln.split()[1:] for ln in status.output.splitlines() if ln.strip()}
     assert lines["total"] == ["20", "20", "0", "0"]
-    ids = ResultStore(f"{uri}/tiny").read_cells(dedupe=False)["cell_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 20
+    attempts = ResultStore(f"{uri}/tiny").read_cells(dedupe=False).to_pylist()
+    ok = [r["cell_id"] for r in attempts if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == 20  # every cell once; the 5 failed attempts are history
+    assert sorted(r["cell_id"] for r in attempts if r["status"] != "ok") == sorted(failing_ids)
