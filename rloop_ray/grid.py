@@ -118,7 +118,7 @@ class Cell:
     model_name_or_path: str
     revision: str | None
     dtype: str
-    chat_template: bool
+    chat_template: bool | None  # None: auto (the tokenizer's template if it has one)
     # prompts
     target_id: str
     target_group: str

@@ -317,7 +317,8 @@ class ModelSpec(_Strict):
     id: ModelId
     name_or_path: str = ""
     dtype: Dtype = "float32"
-    chat_template: bool = False
+    # None = auto: use the tokenizer's chat template when it has one (instruct models)
+    chat_template: bool | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     device_map: str | None = None

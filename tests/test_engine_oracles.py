@@ -301,3 +301,25 @@ def test_participation_ratio_of_known_matrices():
     assert spec is not None
     assert spec.erank_entropy == pytest.approx(7.0) and spec.erank_simpson == pytest.approx(7.0)
     assert participation_ratio(torch.zeros(4, 5)) is None
+
+
+def test_permuting_cache_slots_is_a_no_op_so_shuffle_permutes_tokens(engines):
+    """Why `shuffle` permutes the source's tokens: keys carry their rotary position, so a
+    permutation of the cache's (key, value) slots leaves every later query's attention
+    unchanged (no sliding window here). The control must therefore scramble the input."""
+    from rloop_ray.engine.interventions import permutation, shuffle_positions
+    from rloop_ray.engine.runner import PreparedRow
+
+    engine = engines("tiny-llama")
+    t = engine.encode(TARGET)
+    perm = permutation(t.prefill_len, 5)
+    row = PreparedRow(0, natural(), [shuffle_positions(k, perm, 1) for k in t.keys],
+                      [shuffle_positions(v, perm, 1) for v in t.values], t.ids[-1],
+                      t.prefill_len, {"status": "ok"})
+    permuted = engine._generate_and_measure([row])[0]
+    assert permuted["generated_ids"] == engine.run([natural()])[0]["generated_ids"]
+    outs = engine.run([req("p", alpha=1.0), req("s", alpha=1.0, control="shuffle")])
+    assert outs[0]["generated_ids"] != outs[1]["generated_ids"]
+    shuffled = engine.encode(SOURCE, shuffle_seed=0)
+    assert sorted(shuffled.ids) == sorted(engine.tokenize(SOURCE))
+    assert shuffled.ids != engine.tokenize(SOURCE)

@@ -30,7 +30,6 @@ from rloop_ray.engine.interventions import (
     mix_positions,
     permutation,
     position_map,
-    shuffle_positions,
 )
 from rloop_ray.engine.selectors import resolve_layer, resolve_layers
 from rloop_ray.engine.types import (
@@ -100,7 +99,7 @@ class Engine:
     """One model replica serving batched encode / patch / generate / measure."""
 
     def __init__(self, model: str, *, dtype: str = "float32", device: str = "cpu",
-                 device_map: str | dict | None = None, chat_template: bool = False,
+                 device_map: str | dict | None = None, chat_template: bool | None = False,
                  trust_remote_code: bool = False, revision: str | None = None,
                  max_batch_size: int = 32, prompt_cache_size: int = 64) -> None:
         from rloop_ray.engine.models import load_model
@@ -111,7 +110,9 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.adapter = self.loaded.adapter
         self.model_name = model
-        self.chat_template = chat_template
+        # None = auto: instruct models (a tokenizer with a template) get their template
+        self.chat_template = (bool(getattr(self.tokenizer, "chat_template", None))
+                              if chat_template is None else chat_template)
         self.max_batch_size = max_batch_size
         self.n_layers = self.loaded.n_layers
         self.device = next(self.model.parameters()).device
@@ -157,14 +158,28 @@ class Engine:
             ids = self.tokenizer(text)["input_ids"]
         return [int(i) for i in ids]
 
-    def encode(self, text: str, capture: Sequence[str] = ()) -> PromptState:
-        """Prefill of prompt[:-1], cached per prompt text; `capture` adds module outputs."""
-        state = self._prompts.get(text)
+    def encode(self, text: str, capture: Sequence[str] = (),
+               shuffle_seed: int | None = None) -> PromptState:
+        """Prefill of prompt[:-1], cached per prompt; `capture` adds module outputs.
+
+        `shuffle_seed` encodes the prompt with its tokens permuted (all but the first,
+        seeded): the `shuffle` control. Permuting the *slots* of a finished cache would
+        be vacuous: keys already carry their rotary position and attention is invariant
+        to the order of (key, value) pairs, so later queries would see the same cache.
+        """
+        key = text if shuffle_seed is None else f"\x00shuffle:{shuffle_seed}\x00{text}"
+        state = self._prompts.get(key)
         missing = [name for name in capture if state is None or name not in state.acts]
         if state is not None and not missing:
-            self._prompts.move_to_end(text)
+            self._prompts.move_to_end(key)
             return state
-        ids = state.ids if state is not None else self.tokenize(text)
+        if state is not None:
+            ids = state.ids
+        else:
+            ids = self.tokenize(text)
+            if shuffle_seed is not None and len(ids) > 3:
+                perm = permutation(len(ids) - 2, shuffle_seed) + 1
+                ids = [ids[0], *[ids[i] for i in perm.tolist()], ids[-1]]
         if len(ids) < 2:
             raise CellError(f"prompt has {len(ids)} token(s); at least 2 are needed "
                             "(a prefill and a first query)")
@@ -184,8 +199,8 @@ class Engine:
             keys=[cache.layers[i].keys[0] for i in range(self.n_layers)],
             values=[cache.layers[i].values[0] for i in range(self.n_layers)],
             acts={n: list(v) for n, v in acts.items()})  # type: ignore[misc]
-        self._prompts[text] = state
-        self._prompts.move_to_end(text)
+        self._prompts[key] = state
+        self._prompts.move_to_end(key)
         while len(self._prompts) > self._prompt_cache_size:
             self._prompts.popitem(last=False)
         return state
@@ -337,10 +352,15 @@ class Engine:
     def _source_text(self, req: CellRequest) -> str:
         return req.target_text if req.intervention.control == "self" else req.source_text  # type: ignore[return-value]
 
+    def _encode_source(self, req: CellRequest, capture: Sequence[str] = ()) -> PromptState:
+        iv = req.intervention
+        seed = iv.control_seed if iv.control == "shuffle" else None
+        return self.encode(self._source_text(req), capture=capture, shuffle_seed=seed)
+
     def _prepare_cache_patch(self, i: int, req: CellRequest) -> PreparedRow:
         iv = req.intervention
         target = self.encode(req.target_text)
-        source = self.encode(self._source_text(req))
+        source = self._encode_source(req)
         layers = resolve_layers(iv.layers, self.n_layers)
         src_k, src_v = self._controlled_cache(source, iv.control, iv.control_seed, layers)
         keys, values = list(target.keys), list(target.values)
@@ -378,14 +398,11 @@ class Engine:
 
     def _controlled_cache(self, source: PromptState, control: str, seed: int,
                           layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The source cache as the control sees it (only `layers` are transformed)."""
+        """The source cache as the control sees it (only `layers` are transformed).
+
+        `shuffle` needs nothing here: its source was encoded from permuted tokens."""
         keys, values = list(source.keys), list(source.values)
-        if control == "shuffle":
-            perm = permutation(source.prefill_len, seed)
-            for layer in layers:
-                keys[layer] = shuffle_positions(keys[layer], perm, dim=1)
-                values[layer] = shuffle_positions(values[layer], perm, dim=1)
-        elif control == "random":
+        if control == "random":
             for layer in layers:
                 keys[layer] = matched_noise(keys[layer], seed * 100003 + 2 * layer, (0,))
                 values[layer] = matched_noise(values[layer], seed * 100003 + 2 * layer + 1, (0,))
@@ -394,8 +411,6 @@ class Engine:
     def _controlled_act(self, act: torch.Tensor, name: str, control: str, seed: int,
                         layer: int) -> torch.Tensor:
         """A source activation (T, D) as the control sees it."""
-        if control == "shuffle":
-            return shuffle_positions(act, permutation(act.shape[0], seed), dim=0)
         if control == "random":
             salt = seed * 100003 + 7 * layer + hash(name) % 7
             if name in _HEADED:
@@ -409,7 +424,7 @@ class Engine:
         req0 = items[0][1]
         names = sorted({n for _, r in items for n in _PREFILL_MODULES[r.intervention.site]})
         target = self.encode(req0.target_text)
-        sources = {id(r): self.encode(self._source_text(r), capture=names) for _, r in items}
+        sources = {id(r): self._encode_source(r, capture=names) for _, r in items}
         plans = []  # per row: (layers, pmap, alpha, source_state, control, seed, names)
         metas = []
         for _, req in items:

@@ -1,0 +1,116 @@
+"""The sweeps that re-test the prior claims (sweeps/README.md).
+
+tests/test_grid.py loads and expands every `sweeps/*.yaml`; this file adds the grids in
+subdirectories (`sweeps/smollm2/`), checks every grid's layer specs against stand-in
+configs of the depths they are meant for (no download: only `n_layers` matters), and
+pins the layers each claim's reported design names, so a wrong fraction cannot slip in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rloop_ray.engine.types import CellRequest
+from rloop_ray.grid import Grid, build_grid, check_models, load_grid
+from rloop_ray.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS_DIR = REPO / "sweeps"
+ALL = sorted(SWEEPS_DIR.rglob("*.yaml"))
+NESTED = [p for p in ALL if p.parent != SWEEPS_DIR]
+CLAIM_SWEEPS = sorted(SWEEPS_DIR.glob("p[1-9]_*.yaml"))
+SMOLLM2 = sorted((SWEEPS_DIR / "smollm2").glob("*.yaml"))
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(SWEEPS_DIR)) for p in paths]
+
+
+def _reports(grid: Grid, n_layers: int) -> dict:
+    info = SimpleNamespace(n_layers=n_layers, max_position_embeddings=8192)
+    return {r.model: r for r in check_models(grid, info_fn=lambda _m: info)}
+
+
+def test_the_claim_sweeps_and_smollm2_variants_exist() -> None:
+    claims = {c for p in CLAIM_SWEEPS for c in load_spec(p).retests}
+    assert claims == {f"P{i}" for i in range(1, 10)}
+    assert {c for p in SMOLLM2 for c in load_spec(p).retests} >= {"P1", "P2", "P5", "P8"}
+
+
+@pytest.mark.parametrize("path", NESTED, ids=_ids(NESTED))
+def test_nested_sweep_validates_from_any_directory(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the prompt bank is found relative to the grid file
+    spec = load_spec(path)
+    assert spec.retests
+    g = build_grid(spec)
+    assert g.cells and g.units
+    assert len({c.cell_id for c in g.cells}) == len(g.cells)
+    assert all(isinstance(r, CellRequest) for r in g.units[0].requests(g.prompt_texts()))
+
+
+@pytest.mark.parametrize("path", ALL, ids=_ids(ALL))
+@pytest.mark.parametrize("n_layers", [32, 30, 4])
+def test_layer_specs_fit_models_of_any_depth(path: Path, n_layers: int) -> None:
+    """Fractional specs: one grid fits Llama/Mistral (32), SmolLM2 (30), tiny models (4)."""
+    g = load_grid(path)
+    for rep in _reports(g, n_layers).values():
+        assert all(rep.layers.values()), rep.layers
+        assert rep.early_layer < rep.late_layer
+
+
+@pytest.mark.parametrize("path", CLAIM_SWEEPS, ids=_ids(CLAIM_SWEEPS))
+def test_claim_sweeps_run_both_8b_models_and_take_one_model_flag(path: Path) -> None:
+    spec = load_spec(path)
+    assert {m.name_or_path for m in spec.models} == {
+        "meta-llama/Meta-Llama-3-8B-Instruct", "mistralai/Mistral-7B-v0.1"}
+    assert f"P{path.name[1]}" in spec.retests
+    g = build_grid(spec, models_override=["smollm2-135m"])
+    assert [m.id for m in g.models] == ["smollm2-135m"]
+    assert len(g.cells) * 2 == len(build_grid(spec).cells)
+
+
+def _layers_on_32(name: str) -> tuple[dict[str, list[int]], int, int]:
+    rep = next(iter(_reports(load_grid(SWEEPS_DIR / name), 32).values()))
+    return rep.layers, rep.early_layer, rep.late_layer
+
+
+@pytest.mark.parametrize(("name", "late"), [
+    ("p1_rv_layers.yaml", 24), ("p1_rv_layers_78.yaml", 25), ("p1_rv_layers_84.yaml", 27)])
+def test_p1_measures_the_reported_layers(name: str, late: int) -> None:
+    assert _layers_on_32(name)[1:] == (4, late)
+
+
+def test_reported_layer_sets_on_a_32_layer_model() -> None:
+    span = lambda a, b: list(range(a, b))  # noqa: E731
+    p6 = _layers_on_32("p6_layer_localization.yaml")[0]
+    assert list(p6.values()) == [span(0, 8), span(8, 16), span(16, 24), span(24, 32),
+                                 span(0, 16), span(16, 32), span(0, 32)]
+    p7 = _layers_on_32("p7_token_localization.yaml")[0]
+    assert list(p7.values()) == [[18], [25], [27], [25, 27], span(16, 32)]
+    p8 = _layers_on_32("p8_alpha_mixing.yaml")[0]
+    assert list(p8.values()) == [span(16, 32), span(25, 30), [27]]
+    assert _layers_on_32("p3_vproj_patch.yaml")[0]["75%"] == [24]
+
+
+def test_p5_runs_the_transplant_beside_the_mix_with_every_control() -> None:
+    g = load_grid(SWEEPS_DIR / "p5_kv_transfer.yaml")
+    cells = g.cells_for("llama3-8b")
+    assert {c.condition for c in cells} >= {"A", "B", "C", "D"}
+    assert {c.control for c in cells} == {"natural", "self", "shuffle", "random", "other",
+                                          "patch"}
+    patch = {(c.mode, c.layers) for c in cells if c.control == "patch"}
+    assert patch == {("transplant", "all"), ("mix", "all")}
+
+
+@pytest.mark.parametrize("path", SMOLLM2, ids=_ids(SMOLLM2))
+def test_smollm2_variants_are_small(path: Path) -> None:
+    """Sized for 2 CPU cores in under ~10 minutes (sweeps/README.md has the measurement)."""
+    g = load_grid(path)
+    assert [m.name_or_path for m in g.models] == ["smollm2-135m"]
+    assert len(g.cells) <= 400
+    assert g.spec.resources.gpus_per_replica == 0
