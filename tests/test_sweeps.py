@@ -8,6 +8,7 @@ pins the layers each claim's reported design names, so a wrong fraction cannot s
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +28,12 @@ SMOLLM2 = sorted((SWEEPS_DIR / "smollm2").glob("*.yaml"))
 
 def _ids(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(SWEEPS_DIR)) for p in paths]
+
+
+@cache
+def _grid(path: Path) -> Grid:
+    """Grids are immutable; build each once per session (the large ones take a second)."""
+    return load_grid(path)
 
 
 def _reports(grid: Grid, n_layers: int) -> dict:
@@ -57,8 +64,7 @@ def test_nested_sweep_validates_from_any_directory(
 @pytest.mark.parametrize("n_layers", [32, 30, 4])
 def test_layer_specs_fit_models_of_any_depth(path: Path, n_layers: int) -> None:
     """Fractional specs: one grid fits Llama/Mistral (32), SmolLM2 (30), tiny models (4)."""
-    g = load_grid(path)
-    for rep in _reports(g, n_layers).values():
+    for rep in _reports(_grid(path), n_layers).values():
         assert all(rep.layers.values()), rep.layers
         assert rep.early_layer < rep.late_layer
 
@@ -71,11 +77,11 @@ def test_claim_sweeps_run_both_8b_models_and_take_one_model_flag(path: Path) -> 
     assert f"P{path.name[1]}" in spec.retests
     g = build_grid(spec, models_override=["smollm2-135m"])
     assert [m.id for m in g.models] == ["smollm2-135m"]
-    assert len(g.cells) * 2 == len(build_grid(spec).cells)
+    assert len(g.cells) * 2 == len(_grid(path).cells)
 
 
 def _layers_on_32(name: str) -> tuple[dict[str, list[int]], int, int]:
-    rep = next(iter(_reports(load_grid(SWEEPS_DIR / name), 32).values()))
+    rep = next(iter(_reports(_grid(SWEEPS_DIR / name), 32).values()))
     return rep.layers, rep.early_layer, rep.late_layer
 
 
@@ -98,7 +104,7 @@ def test_reported_layer_sets_on_a_32_layer_model() -> None:
 
 
 def test_p5_runs_the_transplant_beside_the_mix_with_every_control() -> None:
-    g = load_grid(SWEEPS_DIR / "p5_kv_transfer.yaml")
+    g = _grid(SWEEPS_DIR / "p5_kv_transfer.yaml")
     cells = g.cells_for("llama3-8b")
     assert {c.condition for c in cells} >= {"A", "B", "C", "D"}
     assert {c.control for c in cells} == {"natural", "self", "shuffle", "random", "other",
@@ -110,7 +116,7 @@ def test_p5_runs_the_transplant_beside_the_mix_with_every_control() -> None:
 @pytest.mark.parametrize("path", SMOLLM2, ids=_ids(SMOLLM2))
 def test_smollm2_variants_are_small(path: Path) -> None:
     """Sized for 2 CPU cores in under ~10 minutes (sweeps/README.md has the measurement)."""
-    g = load_grid(path)
+    g = _grid(path)
     assert [m.name_or_path for m in g.models] == ["smollm2-135m"]
     assert len(g.cells) <= 400
     assert g.spec.resources.gpus_per_replica == 0
