@@ -520,16 +520,6 @@ class Grid:
     def units_for(self, model: str) -> list[WorkUnit]:
         return [u for u in self.units if u.model == model]
 
-    def digest(self) -> str:
-        """sha256 of the sorted cell ids: what resume compares.
-
-        Cell ids hash every coordinate and prompt text, so two grids with the same digest
-        produce the same rows; `resources` (replicas, batch size) or a reworded
-        description do not change it, a changed axis, prompt or model override does.
-        """
-        joined = "\n".join(sorted(c.cell_id for c in self.cells))
-        return hashlib.sha256(joined.encode()).hexdigest()
-
     def counts(self) -> dict[str, dict[str, int]]:
         """Per model id: number of cells and units."""
         return {m.id: {"cells": len(self.cells_for(m.id)), "units": len(self.units_for(m.id))}

@@ -494,8 +494,15 @@ class SweepSpec(_Strict):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
-        """sha256 of `canonical_json()`; equal specs written differently hash the same."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        """sha256 of what determines the rows: the canonical spec minus `resources`.
+
+        Equal specs written differently hash the same; replicas or batch size may change
+        between a run and its `--resume` (they change speed, not results).
+        """
+        data = self.model_dump(mode="json")
+        data.pop("resources", None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     # -- derived views -----------------------------------------------------------
 

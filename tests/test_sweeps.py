@@ -73,7 +73,9 @@ def test_layer_specs_fit_models_of_any_depth(path: Path, n_layers: int) -> None:
 def test_claim_sweeps_run_both_8b_models_and_take_one_model_flag(path: Path) -> None:
     spec = load_spec(path)
     assert {m.name_or_path for m in spec.models} == {
-        "meta-llama/Meta-Llama-3-8B-Instruct", "mistralai/Mistral-7B-v0.1"}
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "mistralai/Mistral-7B-v0.1",
+    }
     assert f"P{path.name[1]}" in spec.retests
     g = build_grid(spec, models_override=["smollm2-135m"])
     assert [m.id for m in g.models] == ["smollm2-135m"]
@@ -85,8 +87,10 @@ def _layers_on_32(name: str) -> tuple[dict[str, list[int]], int, int]:
     return rep.layers, rep.early_layer, rep.late_layer
 
 
-@pytest.mark.parametrize(("name", "late"), [
-    ("p1_rv_layers.yaml", 24), ("p1_rv_layers_78.yaml", 25), ("p1_rv_layers_84.yaml", 27)])
+@pytest.mark.parametrize(
+    ("name", "late"),
+    [("p1_rv_layers.yaml", 24), ("p1_rv_layers_78.yaml", 25), ("p1_rv_layers_84.yaml", 27)],
+)
 def test_p1_measures_the_reported_layers(name: str, late: int) -> None:
     assert _layers_on_32(name)[1:] == (4, late)
 
@@ -94,8 +98,15 @@ def test_p1_measures_the_reported_layers(name: str, late: int) -> None:
 def test_reported_layer_sets_on_a_32_layer_model() -> None:
     span = lambda a, b: list(range(a, b))  # noqa: E731
     p6 = _layers_on_32("p6_layer_localization.yaml")[0]
-    assert list(p6.values()) == [span(0, 8), span(8, 16), span(16, 24), span(24, 32),
-                                 span(0, 16), span(16, 32), span(0, 32)]
+    assert list(p6.values()) == [
+        span(0, 8),
+        span(8, 16),
+        span(16, 24),
+        span(24, 32),
+        span(0, 16),
+        span(16, 32),
+        span(0, 32),
+    ]
     p7 = _layers_on_32("p7_token_localization.yaml")[0]
     assert list(p7.values()) == [[18], [25], [27], [25, 27], span(16, 32)]
     p8 = _layers_on_32("p8_alpha_mixing.yaml")[0]
@@ -107,8 +118,7 @@ def test_p5_runs_the_transplant_beside_the_mix_with_every_control() -> None:
     g = _grid(SWEEPS_DIR / "p5_kv_transfer.yaml")
     cells = g.cells_for("llama3-8b")
     assert {c.condition for c in cells} >= {"A", "B", "C", "D"}
-    assert {c.control for c in cells} == {"natural", "self", "shuffle", "random", "other",
-                                          "patch"}
+    assert {c.control for c in cells} == {"natural", "self", "shuffle", "random", "other", "patch"}
     patch = {(c.mode, c.layers) for c in cells if c.control == "patch"}
     assert patch == {("transplant", "all"), ("mix", "all")}
 

@@ -140,7 +140,7 @@ def sweep(
             resume=resume,
             overwrite=overwrite,
             spec_file=os.fspath(grid_file),
-            digest=grid.digest(),
+            digest=spec.spec_hash(),
         )
     except StoreError as exc:
         typer.echo(f"error: {exc}", err=True)
