@@ -192,12 +192,16 @@ def test_ray_job_stop_flushes_and_marks_the_sweep_interrupted(head, tmp_path):
         done = ray_job(head, "status", "--address", head.dashboard, job_id, timeout=60)
         return done.stdout + done.stderr
 
-    deadline = time.monotonic() + 120
-    while not store.exists() or store.read_manifest().get("status") != "running":
+    def job_logs() -> str:
+        done = ray_job(head, "logs", "--address", head.dashboard, job_id, timeout=60)
+        return done.stdout + done.stderr
+
+    deadline = time.monotonic() + 180
+    while "ready on node" not in job_logs():  # a worker is up and takes units
         assert time.monotonic() < deadline, job_status()
-        time.sleep(0.5)
-    time.sleep(3)  # units are running; no shard is due before 600 s
-    assert store.done_cell_ids() == set()
+        time.sleep(1)
+    time.sleep(2)  # ~10 units' worth of cells finish; no shard is due before 600 s
+    assert store.read_manifest()["status"] == "running" and store.done_cell_ids() == set()
     stop = ray_job(head, "stop", "--address", head.dashboard, job_id, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
 
