@@ -87,6 +87,7 @@ class DriverConfig:
     progress: bool | None = None  # None: a tqdm bar on a TTY unless CI is set
     log_every: float = 30.0  # seconds between progress log lines when there is no bar
     handle_sigint: bool = True  # first Ctrl-C/SIGTERM stops dispatching and flushes
+    pack_cells: int = 1  # merge small units of one model into tasks of up to this many cells
 
 
 @dataclass
@@ -683,6 +684,30 @@ def _plan(
     return tasks, planned, coords
 
 
+def _pack(tasks: list[_Task], pack_cells: int) -> list[_Task]:
+    """Merge consecutive small tasks (same attempt) into tasks of up to `pack_cells` cells.
+
+    A unit is all cells of one (source, target) pair; natural-only sweeps have one cell
+    per unit, and a batch of one wastes most of a decode step. The engine packs rows of
+    different prompts into one batch (left padding, exact), so one call can serve many
+    units. Rows keep their own unit ids (from the cell coordinates).
+    """
+    if pack_cells <= 1:
+        return tasks
+    packed: list[_Task] = []
+    for task in tasks:
+        last = packed[-1] if packed else None
+        if (last is not None and last.attempt == task.attempt
+                and len(last.requests) + len(task.requests) <= pack_cells):
+            n_units = last.unit_id.count("+") + 2
+            base = last.unit_id.split("+")[0]
+            packed[-1] = _Task(f"{base}+{n_units - 1}", last.model,
+                               [*last.requests, *task.requests], last.attempt)
+        else:
+            packed.append(task)
+    return packed
+
+
 def run_sweep(
     units: Iterable[UnitLike],
     store: ResultStore,
@@ -715,6 +740,7 @@ def run_sweep(
         if unknown:
             raise ValueError(f"models {sorted(unknown)} are not in the grid")
     tasks, planned, coords = _plan(units, to_requests, skip, prior, models)
+    tasks = {m: _pack(ts, cfg.pack_cells) for m, ts in tasks.items()}
     total = sum(planned.values())
     already = sum(1 for u in units for c in u.cells if c.cell_id in skip)
     not_selected = sum(

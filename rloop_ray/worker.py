@@ -232,7 +232,8 @@ class SpecEngineFactory:
         if len(ids) > 1 and device_map is None:
             device_map = "auto"
         if device_map is None:
-            kwargs.setdefault("device", "cuda" if ids else "cpu")
+            # logical GPUs on a machine without CUDA (tests, CPU clusters) run on the CPU
+            kwargs.setdefault("device", "cuda" if ids and _cuda_available() else "cpu")
             return path, kwargs
         kwargs["device_map"] = device_map
         if len(ids) > 1 and isinstance(device_map, str) and "max_memory" not in kwargs:
@@ -318,3 +319,9 @@ def gpu_device_map(
             f"dtype bfloat16."
         )
     return device_map
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

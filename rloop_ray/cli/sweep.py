@@ -157,6 +157,7 @@ def sweep(
         shard_rows=shard_rows,
         shard_seconds=shard_seconds,
         retry_failed=retry_failed,
+        pack_cells=res.batch_size,
     )
     texts = grid.prompt_texts()
     typer.echo(
