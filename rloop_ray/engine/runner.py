@@ -211,7 +211,8 @@ class Engine:
         self._check_context(input_ids.shape[1])
         cache = DynamicCache()  # no config: every layer keeps every position
         with hooks(pairs):
-            self.model(input_ids=input_ids, cache=cache, use_cache=True)
+            # only the cache is wanted: skip the (T x vocab) logits of every prompt position
+            self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         return cache
 
     def _check_context(self, n_positions: int) -> None:
