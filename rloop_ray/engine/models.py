@@ -649,3 +649,15 @@ def model_info(
         layer_windows=windows,
         supported=model_type in ARCHITECTURES,
     )
+
+
+BASE_MODEL_BUILTINS = frozenset({"gemma3-270m"})
+"""Builtins that are pretrained base models: their tokenizers carry a chat format (so
+`chat_template: true` can run) but by default prompts go in as raw text."""
+
+
+def auto_chat_template(name_or_path: str, tokenizer: Any) -> bool:
+    """`chat_template: null` (auto): an instruct model's tokenizer template, else raw text."""
+    if name_or_path in BASE_MODEL_BUILTINS:
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))

@@ -145,7 +145,7 @@ class Engine:
                  device_map: str | dict | None = None, chat_template: bool | None = False,
                  trust_remote_code: bool = False, revision: str | None = None,
                  max_batch_size: int = 32, prompt_cache_size: int = 64) -> None:
-        from rloop_ray.engine.models import load_model
+        from rloop_ray.engine.models import auto_chat_template, load_model
 
         self.loaded = load_model(model, dtype=dtype, device=device, device_map=device_map,
                                  trust_remote_code=trust_remote_code, revision=revision)
@@ -154,7 +154,7 @@ class Engine:
         self.adapter = self.loaded.adapter
         self.model_name = model
         # None = auto: instruct models (a tokenizer with a template) get their template
-        self.chat_template = (bool(getattr(self.tokenizer, "chat_template", None))
+        self.chat_template = (auto_chat_template(model, self.tokenizer)
                               if chat_template is None else chat_template)
         self.max_batch_size = max_batch_size
         self.n_layers = self.loaded.n_layers
