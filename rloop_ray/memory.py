@@ -16,10 +16,11 @@ Units: bytes (int). KiB/MiB/GiB are powers of 1024.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from rloop_ray.lookup import did_you_mean
 
 __all__ = [
     "A10G_BYTES",
@@ -115,10 +116,9 @@ def dtype_bytes(dtype: Any) -> int:
         name = dtype.removeprefix("torch.")
         if name in DTYPE_BYTES:
             return DTYPE_BYTES[name]
-        close = difflib.get_close_matches(name, list(DTYPE_BYTES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown dtype {dtype!r}.{hint} Available: {', '.join(sorted(DTYPE_BYTES))}"
+            f"Unknown dtype {dtype!r}.{did_you_mean(name, DTYPE_BYTES)} "
+            f"Available: {', '.join(sorted(DTYPE_BYTES))}"
         )
     itemsize = getattr(dtype, "itemsize", None)
     if isinstance(itemsize, int) and itemsize > 0:

@@ -19,11 +19,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rloop_ray.lookup import did_you_mean
 from rloop_ray.spec import (
     RECURSIVE_GROUP,
     Issue,
     SpecValidationError,
-    did_you_mean,
     format_loc,
     issues_from_validation_error,
     read_yaml,

@@ -23,10 +23,11 @@ Every scorer returns a finite float for every string, the empty string included
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+from rloop_ray.lookup import unknown_message
 
 __all__ = [
     "KEYWORDS",
@@ -115,10 +116,8 @@ def get_scorer(name: str) -> Scorer:
         return _REGISTRY[name]
     except KeyError:
         names = available_scorers()
-        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownScorerError(
-            f"Unknown scorer {name!r}.{hint} Available: {', '.join(names)}"
+            unknown_message("scorer", name, names, n=3, cutoff=0.5)
         ) from None
 
 

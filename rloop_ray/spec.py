@@ -9,7 +9,6 @@ Validation here needs neither the prompt bank nor a model; `grid.py` checks thos
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -34,6 +33,7 @@ from pydantic import (
 
 from rloop_ray.engine.selectors import SpecError, resolve_layer, resolve_layers, validate_token_spec
 from rloop_ray.engine.types import CACHE_SITES
+from rloop_ray.lookup import did_you_mean
 
 __all__ = [
     "CLAIMS",
@@ -127,12 +127,6 @@ class SpecValidationError(ValueError):
         lines = [f"{self.file or '<grid>'}: {len(self.issues)} problems:"]
         lines += ["  " + i.render(self.file) for i in self.issues]
         return "\n".join(lines)
-
-
-def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """`" Did you mean 'x'?"` when a close match exists, else an empty string."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def format_loc(loc: Sequence[str | int]) -> str:

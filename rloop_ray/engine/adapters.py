@@ -9,11 +9,12 @@ alone, so `rloop-ray validate` can use it without loading weights.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+from rloop_ray.lookup import did_you_mean
 
 if TYPE_CHECKING:
     from torch import nn
@@ -136,8 +137,7 @@ def layer_windows(config: Any) -> tuple[int | None, ...]:
 
 
 def _unsupported_message(model_type: str) -> str:
-    close = difflib.get_close_matches(model_type, ARCHITECTURES, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(model_type, ARCHITECTURES, n=3, cutoff=0.5)
     return (
         f"Unsupported architecture (model_type) {model_type!r}.{hint} "
         f"Supported: {', '.join(supported_architectures())}. Adding a Llama-like decoder is "
@@ -201,8 +201,7 @@ class Adapter:
         try:
             return self.table.sites[site]
         except KeyError:
-            close = difflib.get_close_matches(site, self.table.sites, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(site, self.table.sites, n=3, cutoff=0.5)
             raise UnknownSiteError(
                 f"Unknown site {site!r} for {self.model_type}.{hint} "
                 f"Available: {', '.join(self.table.sites)}"

@@ -9,7 +9,6 @@ config alone, for `rloop-ray validate`.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import logging
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rloop_ray.engine.adapters import ARCHITECTURES, Adapter, layer_windows, text_config
+from rloop_ray.lookup import unknown_message
 
 if TYPE_CHECKING:
     import torch
@@ -149,11 +149,9 @@ def list_builtin_models() -> dict[str, str]:
 
 
 def _unknown_model_message(name: str) -> str:
-    close = difflib.get_close_matches(name, BUILTINS, n=3, cutoff=0.4)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return (
-        f"Unknown model {name!r}.{hint} Available: {', '.join(BUILTINS)}. "
-        "Any HF hub id ('org/name') or local model folder also works."
+    return unknown_message(
+        "model", name, BUILTINS,
+        ". Any HF hub id ('org/name') or local model folder also works.", n=3, cutoff=0.4,
     )
 
 
