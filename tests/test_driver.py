@@ -246,6 +246,7 @@ def test_failed_cells_are_retried_on_resume_unless_told_not_to(ray_cluster, tmp_
 def test_ctrl_c_flushes_marks_interrupted_and_resumes(ray_cluster, tmp_path):
     store = fresh_store(tmp_path)
     units = make_units(300, 10)
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
     # Ctrl-C arrives while unit 5 runs: at least 2 units were collected before it was
     # dispatched, and ~1.2 s of work is left, far more than the driver needs to notice.
     trigger = units[5].cells[0].cell_id
@@ -258,7 +259,7 @@ def test_ctrl_c_flushes_marks_interrupted_and_resumes(ray_cluster, tmp_path):
     assert store.read_manifest()["status"] == "interrupted"
     done = store.done_cell_ids()
     assert 20 <= len(done) < 300  # what finished was flushed although no shard was due
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
     rest = run_sweep(units, store, NullEngineFactory(), to_requests, CFG)
     assert rest.status == "complete" and rest.skipped == len(done)

@@ -368,7 +368,13 @@ def test_engine_kwargs_per_replica_shape():
         }
     )
     assert f.engine_kwargs("m", [])[1] == {"dtype": "float32", "device": "cpu"}
-    assert f.engine_kwargs("m", ["3"])[1] == {"dtype": "float32", "device": "cuda"}
+    import rloop_ray.worker as worker_module
+
+    with pytest.MonkeyPatch.context() as mp:  # one real GPU: cuda; a logical one: cpu
+        mp.setattr(worker_module, "_cuda_available", lambda: True)
+        assert f.engine_kwargs("m", ["3"])[1] == {"dtype": "float32", "device": "cuda"}
+        mp.setattr(worker_module, "_cuda_available", lambda: False)
+        assert f.engine_kwargs("m", ["3"])[1] == {"dtype": "float32", "device": "cpu"}
     two = f.engine_kwargs("m", ["2", "3"])[1]  # no CUDA to size: accelerate decides
     assert two == {"dtype": "float32", "device_map": "auto"}
     assert f.engine_kwargs("mapped", ["2", "3"]) == ("mapped", {"device_map": {"": 1}})
