@@ -44,6 +44,13 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+RUNNER_COLUMNS = frozenset({
+    "attempt", "worker", "node", "accelerator_ids", "seconds", "finished_at",
+    "engine_seconds", "generate_seconds",
+})
+"""Where, when and how fast a cell ran: they differ between runs of the same cell, so
+comparisons of a rerun or a resume with the original leave them out."""
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"

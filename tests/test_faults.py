@@ -18,21 +18,11 @@ import pytest
 
 from rloop_ray.driver import EXIT_FAILED, EXIT_OK, DriverConfig, run_sweep
 from rloop_ray.null_engine import NullEngineFactory, synthetic_requests, synthetic_units
-from rloop_ray.store import ResultStore
+from rloop_ray.store import RUNNER_COLUMNS, ResultStore
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-# Where and when a cell ran, and timings: not outputs, they differ between runs.
-RUNNER_COLUMNS = {
-    "attempt",
-    "worker",
-    "node",
-    "accelerator_ids",
-    "seconds",
-    "finished_at",
-    "engine_seconds",
-}
 
 
 @pytest.fixture(scope="module")

@@ -31,20 +31,11 @@ from rloop_ray.driver import (
     run_sweep,
 )
 from rloop_ray.null_engine import NullEngineFactory, synthetic_requests, synthetic_units
-from rloop_ray.store import ResultStore
+from rloop_ray.store import RUNNER_COLUMNS, ResultStore
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNER_COLUMNS = {
-    "attempt",
-    "worker",
-    "node",
-    "accelerator_ids",
-    "seconds",
-    "finished_at",
-    "engine_seconds",
-}
 # Node deaths are noticed by the GCS health check: every 1 s, dead after 5 misses (the
 # default is minutes; much tighter risks declaring a busy but live node dead on a loaded CI).
 FAST_HEALTH = {
