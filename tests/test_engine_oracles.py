@@ -328,3 +328,29 @@ def test_permuting_cache_slots_is_a_no_op_so_shuffle_permutes_tokens(engines):
     shuffled = engine.encode(SOURCE, shuffle_seed=0)
     assert sorted(shuffled.ids) == sorted(engine.tokenize(SOURCE))
     assert shuffled.ids != engine.tokenize(SOURCE)
+
+
+def test_random_control_noise_is_the_same_in_another_process(engines):
+    """A retried cell may land on another worker: its noise must not depend on the
+    process (Python's str hash is salted per process)."""
+    import json
+    import subprocess
+    import sys
+
+    engine = engines("tiny-llama")
+    cell = req("rnd", site="v_proj", control="random", control_seed=11)
+    here = engine.run([cell])[0]["generated_ids"]
+    code = (
+        "import json\n"
+        "from rloop_ray.engine import Engine\n"
+        "from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention\n"
+        "from rloop_ray.engine.types import MeasureConfig\n"
+        f"c = CellRequest('rnd', {TARGET!r}, {SOURCE!r}, Intervention(site='v_proj', "
+        "control='random', control_seed=11), GenerationConfig(max_new_tokens="
+        f"{N_NEW}, stop_at_eos=False), MeasureConfig(early_layer='25%', late_layer='75%', "
+        "window=4, scorers=()))\n"
+        "print(json.dumps(Engine('tiny-llama').run([c])[0]['generated_ids']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**__import__("os").environ, "PYTHONHASHSEED": "123"})
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here

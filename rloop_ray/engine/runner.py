@@ -100,6 +100,7 @@ NEUTRAL_CONTINUATION = (
 _PREFILL_MODULES = {"v_proj": ("v_proj",), "qkv": ("q_proj", "k_proj", "v_proj"),
                     "resid": ("resid",)}
 _HEADED = {"q_proj", "k_proj", "v_proj"}  # activations whose noise is matched per head
+_NOISE_SALT = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "resid": 4}
 
 
 class CellError(ValueError):
@@ -456,7 +457,9 @@ class Engine:
                         layer: int) -> torch.Tensor:
         """A source activation (T, D) as the control sees it."""
         if control == "random":
-            salt = seed * 100003 + 7 * layer + hash(name) % 7
+            # a stable salt per module (str hash() is salted per process: a retried cell
+            # on another worker must draw the same noise)
+            salt = seed * 100003 + 7 * layer + _NOISE_SALT[name]
             if name in _HEADED:
                 heads = act.view(act.shape[0], -1, self.adapter.head_dim)
                 return matched_noise(heads, salt, (1,)).view_as(act)
