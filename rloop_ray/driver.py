@@ -35,7 +35,16 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
 
 from rloop_ray.engine.types import CellRequest
-from rloop_ray.store import ResultStore, StoreError, now_utc
+from rloop_ray.plan import Plan
+from rloop_ray.store import ResultStore, StoreError, StoreWriteError, now_utc
+from rloop_ray.vocab import (
+    STATUS_OK,
+    SWEEP_COMPLETE,
+    SWEEP_FAILED,
+    SWEEP_INCOMPLETE,
+    SWEEP_INTERRUPTED,
+    SWEEP_PARTIAL,
+)
 from rloop_ray.worker import EngineFactory, failed_rows, remote_worker
 
 log = logging.getLogger(__name__)
@@ -92,7 +101,7 @@ class DriverConfig:
 
 @dataclass
 class SweepResult:
-    """What a run did. `status`: complete | failed | interrupted."""
+    """What a run did. `status`: complete | partial | incomplete | failed | interrupted."""
 
     status: str
     planned: int
@@ -103,12 +112,13 @@ class SweepResult:
     seconds: float
     failed_cell_ids: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    failed_not_retried: int = 0  # failed before, skipped by `retry_failed=False`
 
     @property
     def exit_code(self) -> int:
-        if self.status == "interrupted":
+        if self.status == SWEEP_INTERRUPTED:
             return EXIT_INTERRUPTED
-        return EXIT_OK if self.status == "complete" else EXIT_FAILED
+        return EXIT_OK if self.status in (SWEEP_COMPLETE, SWEEP_PARTIAL) else EXIT_FAILED
 
     @property
     def message(self) -> str:
@@ -123,7 +133,12 @@ class SweepResult:
                 f"{self.failed} cells failed; their reasons are in failures/ "
                 f"(rerun with --resume to retry them)"
             )
-        if self.status == "interrupted":
+        if self.failed_not_retried:
+            notes.append(
+                f"{self.failed_not_retried} cells that failed before were not retried "
+                f"(--no-retry-failed); the sweep is incomplete until they succeed"
+            )
+        if self.status == SWEEP_INTERRUPTED:
             notes.append("interrupted; continue with --resume")
         return "; ".join([head, *notes])
 
@@ -365,9 +380,8 @@ class _Run:
         self.engines: dict[str, Any] = {}
         self.workers: list[dict[str, Any]] = []  # provenance: where each replica ran
         self.engine_batch: dict[str, int] = {}  # model -> the engine's own max batch size
-        self._cells: list[dict[str, Any]] = []
-        self._failures: list[dict[str, Any]] = []
-        self._oldest: float | None = None
+        self.writer = store.writer(shard_rows=config.shard_rows,
+                                   shard_seconds=config.shard_seconds)
 
     # -- rows and shards ----------------------------------------------------------------
 
@@ -381,36 +395,21 @@ class _Run:
                 continue
             self.written.add(cid)
             full = {**row, **self.coords[cid]}  # grid coordinates are authoritative
-            self._cells.append(full)
-            if full.get("status") == "ok":
+            self.writer.add(full)
+            if full.get("status") == STATUS_OK:
                 n_ok += 1
             else:
                 n_failed += 1
                 self.failed_ids.append(cid)
-                self._failures.append(full)
         self.ok += n_ok
-        if self._oldest is None and self._cells:
-            self._oldest = time.monotonic()
         self.progress.update(n_ok, n_failed)
-        if len(self._cells) >= self.config.shard_rows:
-            self.flush()
 
     def maybe_flush(self) -> None:
-        if (
-            self._oldest is not None
-            and time.monotonic() - self._oldest >= self.config.shard_seconds
-        ):
-            self.flush()
+        self.writer.maybe_flush()
 
     def flush(self) -> None:
         """Cells first (the source of truth for resume), then their failure records."""
-        if self._cells:
-            self.store.write_cells(self._cells)
-            self._cells = []
-        if self._failures:
-            self.store.write_failures(self._failures)
-            self._failures = []
-        self._oldest = None
+        self.writer.flush()
 
     def fail_task(self, task: _Task, error_type: str, error: str) -> None:
         rows = failed_rows(task.requests, error_type, error)
@@ -577,7 +576,7 @@ class _Run:
         oom = {
             r["cell_id"]
             for r in rows
-            if r.get("status") != "ok" and r.get("error_type") in OOM_ERROR_TYPES
+            if r.get("status") != STATUS_OK and r.get("error_type") in OOM_ERROR_TYPES
         }
         if not oom:
             return rows
@@ -731,9 +730,13 @@ def run_sweep(
         raise StoreError(f"{store.uri} has no manifest; call store.prepare(spec) first")
     t0 = time.monotonic()
     units = list(units)
+    _check_plan(store, units)
     done = store.done_cell_ids()
     failed_before = store.failed_cell_ids()
     skip = done if cfg.retry_failed else done | failed_before
+    not_retried = 0 if cfg.retry_failed else sum(
+        1 for u in units if models is None or u.model in models
+        for c in u.cells if c.cell_id in failed_before)
     prior = store.attempts() if failed_before else {}
     if models is not None:
         unknown = set(models) - {u.model for u in units}
@@ -784,7 +787,8 @@ def run_sweep(
         latch = stack.enter_context(_SigintLatch(cfg.handle_sigint))
         progress = _Progress(total, already, _progress_enabled(cfg), cfg.log_every)
         run = _Run(store, engine_factory, cfg, coords, progress, latch)
-        status = "failed"
+        status = SWEEP_FAILED
+        write_error: StoreWriteError | None = None
         try:
             for model, model_tasks in tasks.items():
                 if latch.stop:
@@ -797,18 +801,29 @@ def run_sweep(
                     log.error("%s", exc)
                     run.errors.append(str(exc))
                 run.flush()
-            status = "interrupted" if latch.stop else "complete"
+            status = SWEEP_INTERRUPTED if latch.stop else SWEEP_COMPLETE
         except KeyboardInterrupt:
-            status = "interrupted"
+            status = SWEEP_INTERRUPTED
             log.warning("interrupted; flushing finished cells")
+        except StoreWriteError as exc:
+            write_error = exc
+            status = SWEEP_FAILED
+            log.error("%s", exc)
         finally:
             progress.close()
             try:
-                run.flush()
+                if write_error is None:
+                    run.flush()
+            except StoreWriteError as exc:
+                write_error = exc
+                status = SWEEP_FAILED
             finally:
-                remaining = to_run - run.ok - len(run.failed_ids)
-                if status == "complete" and (run.failed_ids or remaining or run.errors):
-                    status = "failed"
+                lost = run.writer.discard()
+                remaining = to_run - run.ok - len(run.failed_ids) + lost
+                if status == SWEEP_COMPLETE and (run.failed_ids or remaining or run.errors):
+                    status = SWEEP_FAILED
+                if status == SWEEP_COMPLETE and not_retried:
+                    status = SWEEP_INCOMPLETE
                 result = SweepResult(
                     status=status,
                     planned=total,
@@ -819,15 +834,42 @@ def run_sweep(
                     seconds=time.monotonic() - t0,
                     failed_cell_ids=run.failed_ids,
                     errors=run.errors,
+                    failed_not_retried=not_retried,
                 )
-                store.finish_run(
-                    "partial" if status == "complete" and not_selected else status,
-                    cells_ok=result.ok,
-                    cells_failed=result.failed,
-                    cells_remaining=remaining,
-                    engines=run.engines,
-                    workers=run.workers,
-                    errors=run.errors,
-                )
+                if status == SWEEP_COMPLETE and not_selected:
+                    result.status = SWEEP_PARTIAL
+                try:
+                    store.finish_run(
+                        result.status,
+                        cells_ok=result.ok,
+                        cells_failed=result.failed,
+                        cells_remaining=remaining,
+                        engines=run.engines,
+                        workers=run.workers,
+                        errors=run.errors,
+                    )
+                except StoreWriteError as exc:
+                    write_error = write_error or exc
+    if write_error is not None:
+        raise write_error
     log.info("%s", result.message)
     return result
+
+
+def _check_plan(store: ResultStore, units: Sequence[UnitLike]) -> None:
+    """Record the plan of a store prepared without one; refuse cells outside the plan.
+
+    Rows of unplanned cells would be invisible to every reader, so running them would
+    spend compute on nothing: that is a caller error (prepare the store with the plan).
+    """
+    plan = store.read_plan()
+    if plan is None:
+        store.write_plan(Plan.from_units(units))
+        return
+    planned = plan.ids
+    outside = [c.cell_id for u in units for c in u.cells if c.cell_id not in planned]
+    if outside:
+        raise StoreError(
+            f"{len(outside)} cells to run are not in the plan of {store.uri} (e.g. "
+            f"{outside[0]}); prepare the store with this grid's plan first"
+        )

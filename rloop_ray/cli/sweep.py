@@ -7,8 +7,11 @@ the grid) stay inside the commands so `--help` is instant.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import re
+import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -50,11 +53,38 @@ def _join(results_dir: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
+EXIT_INVALID = 2
+"""Bad input, a refused store operation or a failed write: nothing ran or nothing was lost."""
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_INVALID)
+
+
+def check_sweep_name(name: str) -> str:
+    """`--name` follows the grid-name rule: one safe path component inside --results-dir."""
+    from rloop_ray.spec import NAME_MAX_LENGTH, NAME_PATTERN
+
+    if not re.fullmatch(NAME_PATTERN, name) or len(name) > NAME_MAX_LENGTH:
+        raise _fail(
+            f"--name {name!r}: a sweep name is letters, digits, '.', '_' and '-', starting "
+            f"with a letter or digit, at most {NAME_MAX_LENGTH} characters (it names one "
+            f"folder inside --results-dir)"
+        )
+    return name
+
+
 @app.command()
 def sweep(
     grid_file: Annotated[str, typer.Argument(metavar="GRID.yaml", help="The grid to run.")],
     resume: Annotated[
         bool, typer.Option(help="Continue results/<name>: run only the cells not done yet.")
+    ] = False,
+    extend: Annotated[
+        bool,
+        typer.Option(help="With --resume: add the cells a changed grid now makes to the "
+                          "sweep (refused if any planned cell would disappear)."),
     ] = False,
     name: Annotated[
         str | None, typer.Option(help="Sweep directory name (default: the grid's `name`).")
@@ -76,7 +106,7 @@ def sweep(
             "--model",
             "--models",
             help="Run only these models (repeat or comma-separate; ids of the grid, or any "
-            "other model name to run the grid on it).",
+            "other model name to run the grid on it; with --resume it adds that model).",
         ),
     ] = None,
     workers: Annotated[
@@ -90,24 +120,39 @@ def sweep(
     ] = None,
     cpus_per_worker: Annotated[float, typer.Option(min=0.0, help="CPUs per replica.")] = 1.0,
     overwrite: Annotated[
-        bool, typer.Option(help="Delete an existing results/<name> and start over.")
+        bool, typer.Option(help="Delete the existing sweep results/<name> and start over.")
     ] = False,
     retry_failed: Annotated[
         bool, typer.Option(help="On --resume, run cells that failed before again.")
     ] = True,
+    skip_model_check: Annotated[
+        bool,
+        typer.Option("--skip-model-check",
+                     help="Do not check layer, token and context limits against the model "
+                          "configs before starting (offline, unknown models)."),
+    ] = False,
     shard_rows: Annotated[int, typer.Option(min=1, help="Rows per Parquet shard (max).")] = 5000,
     shard_seconds: Annotated[
         float, typer.Option(min=0.0, help="Write a shard at least this often.")
     ] = 30.0,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(min=1.0, help="A driver silent this long loses its lease on the sweep "
+                                   "(another driver may then take it over)."),
+    ] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run every cell of GRID.yaml (resumable; Ctrl-C stops cleanly).
 
-    Exit code: 0 all cells ok, 1 some cells failed (reasons in failures/), 2 bad input,
-    130 interrupted (continue with --resume).
+    Every check `validate` makes runs first; nothing starts and nothing is written
+    unless the grid is valid on every model. Exit code: 0 all cells ok, 1 some cells
+    failed or were not retried (reasons in failures/), 2 bad input, a refused store
+    operation or a failed write, 130 interrupted (continue with --resume).
     """
     from rloop_ray.driver import DriverConfig, DriverError, ray_session, run_sweep
-    from rloop_ray.grid import load_grid
+    from rloop_ray.grid import check_models, load_grid
+    from rloop_ray.lease import LeaseError
+    from rloop_ray.plan import Plan
     from rloop_ray.spec import SpecValidationError
     from rloop_ray.store import ResultStore, StoreError
     from rloop_ray.worker import SpecEngineFactory
@@ -116,15 +161,20 @@ def sweep(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if extend and not resume:
+        raise _fail("--extend adds cells to an existing sweep: use it with --resume")
+    if resume and overwrite:
+        raise _fail("--resume continues a sweep and --overwrite deletes it: choose one")
     try:
         grid = load_grid(grid_file, models_override=_split_models(model))
+        if not skip_model_check:
+            check_models(grid)
     except SpecValidationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise _fail(str(exc)) from exc
     spec = grid.spec
     if not grid.units:
-        typer.echo(f"error: {grid_file}: the grid expands to no cells", err=True)
-        raise typer.Exit(2)
+        raise _fail(f"{grid_file}: the grid expands to no cells")
+    sweep_name = check_sweep_name(name) if name is not None else spec.name
     if address and (num_gpus is not None or num_cpus is not None):
         typer.echo("warning: --num-gpus/--num-cpus size a local cluster; ignored with --address")
     if address and "://" not in results_dir and not os.path.isabs(results_dir):
@@ -133,49 +183,61 @@ def sweep(
             f"directory ({os.getcwd()}); under `ray job submit` that is a temporary copy. "
             f"Use an absolute path on shared storage or a URI (s3://, gs://, file://)."
         )
-    store = ResultStore(_join(results_dir, name or spec.name))
     try:
-        store.prepare(
-            spec.model_dump(mode="json"),
-            resume=resume,
-            overwrite=overwrite,
-            spec_file=os.fspath(grid_file),
-            digest=spec.spec_hash(),
-        )
-    except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-    res = spec.resources
-    gpus = res.gpus_per_replica
-    config = DriverConfig(
-        workers=workers or res.replicas,
-        use_gpus=None if gpus is None else gpus > 0,
-        gpus_per_worker=gpus or 1.0,
-        cpus_per_worker=cpus_per_worker,
-        max_in_flight=res.max_units_in_flight_per_worker,
-        shard_rows=shard_rows,
-        shard_seconds=shard_seconds,
-        retry_failed=retry_failed,
-        pack_cells=res.batch_size,
-    )
-    texts = grid.prompt_texts()
-    typer.echo(
-        f"sweep {spec.name} -> {store.uri}: {len(grid.cells)} cells in {len(grid.units)} "
-        f"units, models {', '.join(m.id for m in grid.models)}"
-    )
+        store = ResultStore(_join(results_dir, sweep_name))
+        lease = store.lease(ttl_seconds=lease_seconds, command=" ".join(sys.argv))
+        lease.on_lost = _thread.interrupt_main  # stop dispatching, like a Ctrl-C
+        lease.acquire()
+    except (StoreError, LeaseError) as exc:
+        raise _fail(str(exc)) from exc
     try:
-        with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus):
-            result = run_sweep(
-                grid.units,
-                store,
-                SpecEngineFactory(_engine_models(grid)),
-                lambda unit: unit.requests(texts),
-                config,
+        try:
+            store.prepare(
+                spec.model_dump(mode="json"),
+                plan=Plan.from_units(grid.units),
+                prompts={pid: p.text_hash for pid, p in grid.prompts.items()},
+                resume=resume,
+                overwrite=overwrite,
+                extend=extend,
+                spec_file=os.fspath(grid_file),
+                digest=spec.spec_hash(),
             )
-    except DriverError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        except StoreError as exc:
+            raise _fail(str(exc)) from exc
+        res = spec.resources
+        gpus = res.gpus_per_replica
+        config = DriverConfig(
+            workers=workers or res.replicas,
+            use_gpus=None if gpus is None else gpus > 0,
+            gpus_per_worker=gpus or 1.0,
+            cpus_per_worker=cpus_per_worker,
+            max_in_flight=res.max_units_in_flight_per_worker,
+            shard_rows=shard_rows,
+            shard_seconds=shard_seconds,
+            retry_failed=retry_failed,
+            pack_cells=res.batch_size,
+        )
+        texts = grid.prompt_texts()
+        typer.echo(
+            f"sweep {spec.name} -> {store.uri}: {len(grid.cells)} cells in {len(grid.units)} "
+            f"units, models {', '.join(m.id for m in grid.models)}"
+        )
+        try:
+            with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus):
+                result = run_sweep(
+                    grid.units,
+                    store,
+                    SpecEngineFactory(_engine_models(grid)),
+                    lambda unit: unit.requests(texts),
+                    config,
+                )
+        except DriverError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        except StoreError as exc:
+            raise _fail(str(exc)) from exc
+    finally:
+        lease.release()
     typer.echo(result.message)
     raise typer.Exit(result.exit_code)
 
@@ -185,15 +247,16 @@ def status(
     sweep_dir: Annotated[str, typer.Argument(metavar="results/<name>", help="A sweep directory.")],
 ) -> None:
     """Done / failed / remaining cells per model of a sweep, and its last run."""
+    from rloop_ray.lease import read_lease
     from rloop_ray.store import ResultStore, StoreError
 
     store = ResultStore(sweep_dir)
     try:
         manifest = store.read_manifest()
         counts = store.counts()
+        stale = store.stale_row_count()
     except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise _fail(str(exc)) from exc
     typer.echo(
         f"sweep {manifest.get('name')}  status {manifest.get('status')}  "
         f"spec {str(manifest.get('spec_hash'))[:16]}  git {str(manifest.get('git_sha'))[:10]}"
@@ -205,10 +268,13 @@ def status(
             f"runs {len(runs)}; last started {last.get('started_at')} on {last.get('host')}, "
             f"finished {last.get('finished_at') or '-'} ({last.get('status')})"
         )
-        if last.get("status") == "running":
+        holder = read_lease(store)
+        if holder is not None and not holder.expired():
+            typer.echo(f"being written by {holder.describe()}")
+        elif last.get("status") == "running":
             typer.echo(
-                f"the last run is still going, or its driver (pid {last.get('driver_pid')}) "
-                f"died without closing it; `rloop-ray sweep ... --resume` continues it"
+                f"the last run's driver (pid {last.get('driver_pid')}) died without closing "
+                f"it; `rloop-ray sweep ... --resume` continues it"
             )
     header = ("model", "planned", "done", "failed", "remaining")
     table = [header] + [
@@ -243,3 +309,40 @@ def status(
     failed = sum(c.failed for c in counts)
     if failed:
         typer.echo(f"{failed} cells failed; reasons in {store.uri}/failures/ (--resume retries)")
+    if stale:
+        typer.echo(f"{stale} stale rows from an earlier plan are excluded from every count")
+
+
+@app.command()
+def repair(
+    sweep_dir: Annotated[str, typer.Argument(metavar="results/<name>", help="A sweep directory.")],
+) -> None:
+    """Move damaged or foreign shards to quarantine/ and restore a torn manifest.
+
+    Nothing is deleted. The cells whose rows were in a quarantined shard count as not
+    done, so `rloop-ray sweep GRID.yaml --resume` runs them again: every planned cell
+    ends up exactly once. Exit code 0 repaired (or nothing to do), 2 not repairable.
+    """
+    from rloop_ray.store import ResultStore, StoreError
+
+    store = ResultStore(sweep_dir)
+    try:
+        report = store.repair()
+        store.read_manifest()
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
+    for path, reason in report.moved:
+        typer.echo(f"quarantined {path}: {reason}")
+    if report.manifest_restored:
+        typer.echo("manifest.json was torn: restored from manifest.prev.json")
+    for problem in report.problems:
+        typer.echo(f"error: {problem}", err=True)
+    if report.problems:
+        raise typer.Exit(EXIT_INVALID)
+    if not report.moved and not report.manifest_restored:
+        typer.echo(f"{store.uri}: nothing damaged")
+        return
+    counts = store.counts()
+    left = sum(c.remaining or 0 for c in counts) + sum(c.failed for c in counts)
+    typer.echo(f"{left} planned cells are not done; continue with "
+               f"`rloop-ray sweep GRID.yaml --resume`")

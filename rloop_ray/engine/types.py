@@ -10,23 +10,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SITES = ("kv", "k", "v", "v_proj", "qkv", "resid")
-"""Where an intervention writes: cache (`kv`, `k`, `v`) or prefill activations."""
-CACHE_SITES = ("kv", "k", "v")
-PREFILL_SITES = ("v_proj", "qkv", "resid")
-MODES = ("mix", "transplant")
-ALIGNS = ("start", "end")
-CONTROLS = ("patch", "natural", "self", "shuffle", "random", "other")
-"""`patch`: the source as given. `natural`: no intervention at all. `self`: the source is
-the target itself (must equal `natural`). `shuffle`: the source's positions permuted
-(seeded). `random`: Gaussian noise matched per layer (and head) to the source's mean/std.
-`other`: the grid picks another prompt of the target's own group as source; for the
-engine it is a plain patch."""
+from rloop_ray.vocab import (  # noqa: F401  (re-exported: the engine's vocabulary)
+    ALIGNS,
+    CACHE_SITES,
+    CONTROLS,
+    MODES,
+    PREFILL_SITES,
+    SITES,
+)
 
 
 @dataclass(frozen=True)
 class Intervention:
-    """One point of the `site x layers x tokens x alpha x source` vocabulary (DESIGN §3)."""
+    """One point of the `site x layers x tokens x alpha x source` vocabulary (`rloop_ray.vocab`)."""
 
     site: str = "kv"
     layers: str = "all"  # layer spec: "all", "16:32", "50%:100%", "3", "0,4,8"

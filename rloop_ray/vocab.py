@@ -1,0 +1,106 @@
+"""The vocabulary of a sweep: every name a grid, a cell, a result row or a table uses.
+
+A name that two modules spell separately drifts (one of them learns a new control, the
+other silently drops its rows), so each is defined here once and imported everywhere
+else: the spec validates against these tuples, the grid expands them, the engine checks
+them and the analysis groups by them. Nothing here imports torch, pandas or pydantic.
+"""
+
+from __future__ import annotations
+
+# -- where and how an intervention writes ------------------------------------------------
+
+SITES = ("kv", "k", "v", "v_proj", "qkv", "resid")
+"""Where an intervention writes: the cache (`kv`, `k`, `v`) or prefill activations."""
+CACHE_SITES = ("kv", "k", "v")
+"""Sites that edit the prompt's KV cache after the prefill."""
+PREFILL_SITES = ("v_proj", "qkv", "resid")
+"""Sites that edit activations during the target's prefill (later layers see the edit)."""
+MIX = "mix"
+TRANSPLANT = "transplant"
+MODES = (MIX, TRANSPLANT)
+"""`mix`: position-aligned float32 mix. `transplant`: replace the target's cache by the
+source's (cache sites only; lengths may differ)."""
+ALIGNS = ("start", "end")
+"""Which source position feeds a target position when the lengths differ."""
+
+# -- controls -----------------------------------------------------------------------------
+
+PATCH = "patch"
+NATURAL = "natural"
+SELF = "self"
+SHUFFLE = "shuffle"
+RANDOM = "random"
+OTHER = "other"
+CONTROLS = (PATCH, NATURAL, SELF, SHUFFLE, RANDOM, OTHER)
+"""`patch`: the source as given. `natural`: no intervention at all. `self`: the source is
+the target itself (must equal `natural`). `shuffle`: the source's token positions
+permuted (seeded). `random`: Gaussian noise matched per layer (and head) to the source's
+mean/std. `other`: another prompt of the target's own group as source; for the engine it
+is a plain patch."""
+GRID_CONTROLS = (NATURAL, SELF, SHUFFLE, RANDOM, OTHER)
+"""Controls a grid file may list under `controls:` (`patch` is implied by the axes)."""
+PATCH_CONTROLS = (SELF, SHUFFLE, RANDOM, OTHER)
+"""Controls that run the intervention with a stand-in source, compared with `patch`."""
+CONTROL_ORDER = (PATCH, SHUFFLE, RANDOM, OTHER, SELF)
+"""Order of the per-pair conditions in the expansion (natural comes first, per target)."""
+
+NONE = "none"
+"""The "no intervention" sentinel: site/mode/layers/tokens/align of a natural cell, so the
+one natural cell of a target does not multiply with the intervention axes."""
+NONE_LABEL = "-"
+"""How tables and reports print a coordinate that does not apply (natural cells)."""
+
+# -- prompt groups and the classic conditions ------------------------------------------
+
+BASELINE_GROUP = "baseline"
+RECURSIVE_GROUP = "recursive"
+LONG_CONTROL_GROUP = "long_control"
+"""Length-matched non-recursive prompts: separates "recursive" from "long"."""
+
+CLASSIC_CONDITIONS = {
+    "A": "baseline target, natural",
+    "B": "recursive target, natural",
+    "C": "baseline target, recursive source (patch)",
+    "D": "recursive target, baseline source (patch)",
+}
+"""The four cells of the classic design; a grid's `prompts.conditions` picks among them."""
+
+
+def classic_condition(control: str, target_group: str, source_group: str | None) -> str | None:
+    """A/B/C/D of the classic design, or None for any other cell."""
+    if control == NATURAL:
+        return {BASELINE_GROUP: "A", RECURSIVE_GROUP: "B"}.get(target_group)
+    if control == PATCH:
+        if target_group == BASELINE_GROUP and source_group == RECURSIVE_GROUP:
+            return "C"
+        if target_group == RECURSIVE_GROUP and source_group == BASELINE_GROUP:
+            return "D"
+    return None
+
+
+# -- the rest of a grid's closed sets ----------------------------------------------------
+
+CLAIMS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+"""Prior claims a sweep can say it re-tests (listed in docs/findings-smollm2.md)."""
+DTYPES = ("float32", "float16", "bfloat16")
+SCORERS = ("keywords", "regex", "logprob_contrast")
+"""Behaviour scorers a grid may ask for (`scoring.py` text scorers, engine logprobs)."""
+
+# -- row statuses ------------------------------------------------------------------------
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+CELL_STATUSES = (STATUS_OK, STATUS_FAILED)
+
+SWEEP_CREATED = "created"
+SWEEP_RUNNING = "running"
+SWEEP_COMPLETE = "complete"
+SWEEP_PARTIAL = "partial"
+"""Every selected model finished, but the run was restricted to some models."""
+SWEEP_INCOMPLETE = "incomplete"
+"""The run ended with planned cells neither ok nor retried (e.g. `--no-retry-failed`)."""
+SWEEP_FAILED = "failed"
+SWEEP_INTERRUPTED = "interrupted"
+SWEEP_STATUSES = (SWEEP_CREATED, SWEEP_RUNNING, SWEEP_COMPLETE, SWEEP_PARTIAL,
+                  SWEEP_INCOMPLETE, SWEEP_FAILED, SWEEP_INTERRUPTED)
