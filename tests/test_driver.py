@@ -293,7 +293,8 @@ def test_cli_sweep_and_status_on_a_real_grid(ray_cluster, tmp_path, monkeypatch)
         )
     )
     runner = CliRunner()
-    args = ["sweep", str(grid), "--results-dir", str(tmp_path / "res"), "--workers", "1"]
+    args = ["sweep", str(grid), "--results-dir", str(tmp_path / "res"), "--workers", "1",
+            "--skip-model-check"]  # m1, m2 are no real models
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     assert "complete: 20 cells ok" in out.output
