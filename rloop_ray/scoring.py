@@ -3,7 +3,7 @@
 A scorer turns one generated text into one or more float columns of the result row
 (``score_<name>``). Text scorers are pure and cheap, so the driver can run them on
 every row and the stats stage can recompute them from stored text. The continuous
-measure of DESIGN.md (log-probability of a recursive minus a neutral continuation)
+measure of docs/semantics.md (log-probability of a recursive minus a neutral continuation)
 needs the model and the patched cache, so it lives in the engine, not here.
 
 Two scorers are registered:

@@ -1,15 +1,21 @@
-"""Result store of one sweep: `results/<name>/` with a manifest, Parquet shards and failures.
+"""Result store of one sweep: the only reader and writer of `results/<name>/`.
 
 The store is what makes a sweep resumable and its rows trustworthy: every shard is written
 to a temporary name and renamed (a crash never leaves half a shard), the coordinate and
-runner columns have an explicit Arrow schema, readers dedupe by `cell_id`, and the manifest
-pins the spec (by hash) so a resume can never mix two different grids in one table.
+runner columns have an explicit Arrow schema, the plan (`plan.py`) records exactly which
+cells the sweep is made of and every reader counts only those, readers dedupe by
+`cell_id`, a lease (`lease.py`) keeps a second driver out, and a damaged file is named
+(`DamagedFileError`) and quarantined by `repair`, never silently skipped.
 
-Layout (DESIGN §4)::
+Layout::
 
-    results/<name>/manifest.json      spec, spec hash, versions, git sha, runs, status
-    results/<name>/cells/*.parquet    one row per cell attempt (readers keep one per cell_id)
-    results/<name>/failures/*.parquet error type + traceback per failed attempt
+    results/<name>/manifest.json       spec, spec hash, plan digest, prompts, runs, status
+    results/<name>/manifest.prev.json  the manifest before its last update (for repair)
+    results/<name>/plan.parquet        cell_id, unit_id, model of every planned cell
+    results/<name>/lock.json           the lease of the driver writing now (if any)
+    results/<name>/cells/*.parquet     one row per cell attempt (readers keep one per cell_id)
+    results/<name>/failures/*.parquet  error type + traceback per failed attempt
+    results/<name>/quarantine/         files `repair` moved aside
 
 All file access goes through `pyarrow.fs` (`FileSystem.from_uri`), so the store may live
 on a shared or object-store URI (`s3://`, `gs://`, `file://`; other fsspec protocols such as
@@ -48,7 +54,7 @@ import pyarrow.parquet as pq
 
 from rloop_ray.lease import LOCK_FILE, SweepLease
 from rloop_ray.plan import Plan, PlanChange, compare, describe_change
-from rloop_ray.vocab import STATUS_OK, SWEEP_CREATED, SWEEP_RUNNING
+from rloop_ray.vocab import COORDINATE_COLUMNS, STATUS_OK, SWEEP_CREATED, SWEEP_RUNNING
 
 RUNNER_COLUMNS = frozenset({
     "attempt", "worker", "node", "accelerator_ids", "seconds", "finished_at",
@@ -98,6 +104,8 @@ COORDINATE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("control", pa.string()),
     pa.field("seed", pa.int64()),
 )
+
+assert tuple(f.name for f in COORDINATE_FIELDS) == COORDINATE_COLUMNS, "see vocab.py"
 
 RUNNER_FIELDS: tuple[pa.Field, ...] = (
     pa.field("status", pa.string(), nullable=False),  # ok | failed

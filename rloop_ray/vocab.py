@@ -82,7 +82,7 @@ def classic_condition(control: str, target_group: str, source_group: str | None)
 # -- the rest of a grid's closed sets ----------------------------------------------------
 
 CLAIMS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
-"""Prior claims a sweep can say it re-tests (listed in docs/findings-smollm2.md)."""
+"""Prior claims a sweep can say it re-tests (restated in docs/prior-claims.md)."""
 DTYPES = ("float32", "float16", "bfloat16")
 SCORERS = ("keywords", "regex", "logprob_contrast")
 """Behaviour scorers a grid may ask for (`scoring.py` text scorers, engine logprobs)."""
@@ -104,3 +104,14 @@ SWEEP_FAILED = "failed"
 SWEEP_INTERRUPTED = "interrupted"
 SWEEP_STATUSES = (SWEEP_CREATED, SWEEP_RUNNING, SWEEP_COMPLETE, SWEEP_PARTIAL,
                   SWEEP_INCOMPLETE, SWEEP_FAILED, SWEEP_INTERRUPTED)
+
+# -- result columns ----------------------------------------------------------------------
+
+COORDINATE_COLUMNS = (
+    "cell_id", "unit_id", "model", "source_id", "target_id", "source_group", "target_group",
+    "source_level", "target_level", "pair_index", "site", "mode", "layers", "tokens",
+    "align", "alpha", "control", "seed",
+)
+"""The grid coordinates every result row carries; their Arrow types are in `store.py`."""
+POINT_COLUMNS = ("site", "mode", "layers", "tokens", "align", "alpha")
+"""One intervention point: where, how and how strongly a cell was patched."""

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from rloop_ray.engine.types import CellRequest
 from rloop_ray.store import now_utc
+from rloop_ray.vocab import STATUS_FAILED, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def failed_rows(
 ) -> list[dict[str, Any]]:
     """Engine-shaped rows for cells that never got a result (errors as data)."""
     return [
-        {"cell_id": r.cell_id, "status": "failed", "error_type": error_type, "error": error}
+        {"cell_id": r.cell_id, "status": STATUS_FAILED, "error_type": error_type, "error": error}
         for r in requests
     ]
 
@@ -138,7 +139,7 @@ class ModelWorker:
         for req, row in zip(requests, rows, strict=True):
             merged = {**row, **runner}
             merged["cell_id"] = req.cell_id  # the request's id is authoritative
-            merged.setdefault("status", "ok")
+            merged.setdefault("status", STATUS_OK)
             out.append(merged)
         return out
 

@@ -1,4 +1,4 @@
-"""Exact oracles of DESIGN §6 on real HF models loaded through from_pretrained.
+"""Exact oracles (docs/semantics.md) on real HF models loaded through from_pretrained.
 
 Each test compares the engine against an independent computation (plain transformers
 `generate`, a hand-computed float32 mix, a hook on `v_proj`), never against itself.
