@@ -6,7 +6,8 @@ may write. The lease is a small JSON document, not an OS lock, because sweeps li
 shared disks and object stores (S3, GCS) where `flock` does not reach. A background
 thread renews the heartbeat every `ttl / 3` seconds; a lease whose heartbeat is older
 than its `ttl` belongs to a driver that died (kill -9, a lost node) and is taken over
-with a warning. Taking over writes our document and reads it back after a short pause,
+with a warning (at once when the holder ran on this host and its process is gone).
+Taking over writes our document and reads it back after a short pause,
 so of two drivers racing for a stale lease exactly one sees itself as the owner.
 """
 
@@ -63,11 +64,27 @@ class LeaseRecord:
         return (time.time() if now is None else now) - self.heartbeat_at
 
     def expired(self, now: float | None = None) -> bool:
+        """Heartbeat older than the ttl, or a driver on this host whose process is gone."""
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return True
         return self.age(now) > self.ttl_seconds
 
     def describe(self) -> str:
         return (f"driver pid {self.pid} on {self.host} (since {self.acquired_at}, "
                 f"heartbeat {self.age():.0f}s ago)")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host still exists (a kill -9'd driver's does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
 
 
 def _parse(text: str | None) -> LeaseRecord | None:

@@ -353,3 +353,31 @@ def test_a_failed_write_exits_2_with_the_path_and_resume_loses_nothing(
     assert again.exit_code == 0, again.output
     counts = rows_per_cell(ResultStore(res / "tiny"))
     assert len(counts) == N_CELLS and set(counts.values()) == {1}
+
+
+def test_a_killed_drivers_lease_on_this_host_is_taken_over_at_once(tmp_path):
+    """A real second process holds the lease; while it lives we are refused, after kill -9
+    (no release, no last heartbeat) the lease is ours without waiting for the ttl."""
+    import signal
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "s"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from rloop_ray.store import ResultStore; "
+         f"ResultStore({str(sweep)!r}).lease(ttl_seconds=600).acquire(); "
+         "print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseError, match=f"pid {holder.pid}"):
+            ResultStore(sweep).lease().acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        lease = ResultStore(sweep).lease().acquire()
+        assert lease.took_over is not None and lease.took_over.pid == holder.pid
+        lease.release()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
