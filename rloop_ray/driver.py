@@ -45,13 +45,18 @@ from rloop_ray.vocab import (
     SWEEP_INTERRUPTED,
     SWEEP_PARTIAL,
 )
-from rloop_ray.worker import EngineFactory, failed_rows, remote_worker
+from rloop_ray.worker import EngineFactory, ModelWorker, failed_rows, remote_worker
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+BACKEND_RAY = "ray"
+BACKEND_LOCAL = "local"
+BACKENDS = (BACKEND_RAY, BACKEND_LOCAL)
+"""Where a sweep's replicas run: Ray actors, or this process (no Ray)."""
 
 OOM_ERROR_TYPES = frozenset({"OutOfMemoryError"})
 """Engine error types that mean "this batch did not fit": retried smaller, not failed."""
@@ -419,6 +424,31 @@ class _Run:
 
     # -- one model ------------------------------------------------------------------------
 
+    def run_model_local(self, model: str, tasks: list[_Task]) -> None:
+        """All tasks of one model on one in-process replica, in order (no Ray).
+
+        The same rows as a Ray worker's (`ModelWorker` is a plain class), the same OOM
+        splitting; a model that cannot load is a `DriverError` like a worker that never
+        started.
+        """
+        try:
+            worker = ModelWorker(self.engine_factory, model, 0)
+        except Exception as exc:  # noqa: BLE001  (any load failure ends this model's run)
+            raise DriverError(f"model {model} could not load: {type(exc).__name__}: {exc}"
+                              ) from exc
+        info = worker.ready()
+        self.engines.setdefault(model, info["engine"])
+        if info.get("max_batch_size"):
+            self.engine_batch.setdefault(model, int(info["max_batch_size"]))
+        keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds")
+        self.workers.append({"model": model, **{k: info[k] for k in keys}})
+        queue: deque[_Task] = deque(tasks)
+        while queue and not self.latch.stop:
+            task = queue.popleft()
+            rows = worker.run_unit(task.requests, task.attempt, task.max_batch_size)
+            self.accept(self._split_oom(task, rows, queue.appendleft))
+            self.maybe_flush()
+
     def run_model(self, model: str, tasks: list[_Task], n_workers: int, use_gpus: bool) -> None:
         import ray
         from ray.exceptions import RayError
@@ -715,16 +745,19 @@ def run_sweep(
     config: DriverConfig | None = None,
     *,
     models: Collection[str] | None = None,
+    backend: str = BACKEND_RAY,
 ) -> SweepResult:
     """Run every cell of `units` not yet done in `store`; resumable at any point.
 
-    `store` must be prepared (`ResultStore.prepare`), Ray initialised or it is started
-    here (`ray_session`). Models run one after another, each on its own set of workers;
-    `models` restricts the run to some of them (the others stay planned, not run).
-    Returns a `SweepResult`; its `exit_code` is what the CLI exits with (0, 1, 130).
+    `store` must be prepared (`ResultStore.prepare`). `backend="ray"`: Ray initialised or
+    started here (`ray_session`), models one after another, each on its own set of
+    workers. `backend="local"`: one replica per model in this process, no Ray, the same
+    store and exactly-once semantics (notebooks, debugging, one machine). `models`
+    restricts the run to some models (the others stay planned, not run). Returns a
+    `SweepResult`; its `exit_code` is what the CLI exits with (0, 1, 130).
     """
-    import ray
-
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     cfg = config or DriverConfig()
     if not store.exists():
         raise StoreError(f"{store.uri} has no manifest; call store.prepare(spec) first")
@@ -756,25 +789,34 @@ def run_sweep(
     to_run = sum(len(t.requests) for ts in tasks.values() for t in ts)
 
     with contextlib.ExitStack() as stack:
-        if not ray.is_initialized():
-            stack.enter_context(ray_session())
-        resources = ray.cluster_resources()
-        nodes = _node_resources()
-        use_gpus = cfg.use_gpus if cfg.use_gpus is not None else resources.get("GPU", 0) > 0
-        if use_gpus and _replica_slots(nodes, "GPU", cfg.gpus_per_worker) < 1:
-            per_node = sorted((n.get("GPU", 0) for n in nodes), reverse=True)
-            raise DriverError(
-                f"GPU workers need {cfg.gpus_per_worker} GPUs each, on one node; the "
-                f"cluster has {resources.get('GPU', 0)} GPUs, per node {per_node}"
+        use_gpus = False
+        cluster: dict[str, Any] = {"backend": backend}
+        if backend == BACKEND_RAY:
+            import ray
+
+            if not ray.is_initialized():
+                stack.enter_context(ray_session())
+            resources = ray.cluster_resources()
+            nodes = _node_resources()
+            use_gpus = (cfg.use_gpus if cfg.use_gpus is not None
+                        else resources.get("GPU", 0) > 0)
+            if use_gpus and _replica_slots(nodes, "GPU", cfg.gpus_per_worker) < 1:
+                per_node = sorted((n.get("GPU", 0) for n in nodes), reverse=True)
+                raise DriverError(
+                    f"GPU workers need {cfg.gpus_per_worker} GPUs each, on one node; the "
+                    f"cluster has {resources.get('GPU', 0)} GPUs, per node {per_node}"
+                )
+            cluster.update(
+                ray_address=ray.get_runtime_context().gcs_address,
+                cluster_resources={k: v for k, v in resources.items() if "node:" not in k},
             )
         store.start_run(
             planned=planned,
             cells_to_run=to_run,
             cells_already_done=already,
-            ray_address=ray.get_runtime_context().gcs_address,
-            cluster_resources={k: v for k, v in resources.items() if "node:" not in k},
             models=sorted(models) if models is not None else None,
             driver_config=asdict(cfg),
+            **cluster,
         )
         log.info(
             "sweep %s: %d cells planned, %d already done, %d to run in %d units",
@@ -793,10 +835,14 @@ def run_sweep(
             for model, model_tasks in tasks.items():
                 if latch.stop:
                     break
-                nodes = _node_resources()  # nodes that joined since the last model count
-                n_workers = min(_default_workers(cfg, use_gpus, nodes), len(model_tasks))
                 try:
-                    run.run_model(model, model_tasks, n_workers, use_gpus)
+                    if backend == BACKEND_LOCAL:
+                        run.run_model_local(model, model_tasks)
+                    else:
+                        nodes = _node_resources()  # nodes that joined since the last count
+                        n_workers = min(_default_workers(cfg, use_gpus, nodes),
+                                        len(model_tasks))
+                        run.run_model(model, model_tasks, n_workers, use_gpus)
                 except DriverError as exc:
                     log.error("%s", exc)
                     run.errors.append(str(exc))

@@ -1,25 +1,20 @@
 """`rloop-ray sweep` runs a grid on Ray into `results/<name>/`; `rloop-ray status` reports it.
 
-The commands only translate flags: the grid comes from `grid.load_grid`, the run from
-`driver.run_sweep`, the bookkeeping from `store.ResultStore`. Heavy imports (ray, pyarrow,
-the grid) stay inside the commands so `--help` is instant.
+The commands only translate flags and exceptions: `sweep` is `api.prepare_sweep` (every
+check, the lease, the plan guard) then `SweepJob.run`, the bookkeeping is
+`store.ResultStore`. Heavy imports (ray, pyarrow, the grid) stay inside the commands so
+`--help` is instant.
 """
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
-import re
-import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
 from rloop_ray.cli._app import app
-
-if TYPE_CHECKING:
-    from rloop_ray.grid import Grid
 
 
 def _split_models(values: list[str] | None) -> list[str] | None:
@@ -30,29 +25,6 @@ def _split_models(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
-def _engine_models(grid: Grid) -> dict[str, dict[str, Any]]:
-    """Model id -> `Engine` arguments, from the grid's model table and resources."""
-    batch = grid.spec.resources.batch_size
-    return {
-        m.id: {
-            "name_or_path": m.name_or_path or m.id,
-            "dtype": m.dtype,
-            "chat_template": m.chat_template,
-            "trust_remote_code": m.trust_remote_code,
-            "revision": m.revision,
-            "device_map": m.device_map,
-            "max_batch_size": batch,
-        }
-        for m in grid.models
-    }
-
-
-def _join(results_dir: str, name: str) -> str:
-    """`results_dir`/`name`; a URI keeps its query: `s3://b/r?region=x` -> `s3://b/r/n?region=x`."""
-    base, sep, query = results_dir.partition("?") if "://" in results_dir else (results_dir, "", "")
-    return f"{base.rstrip('/')}/{name}{sep}{query}"
-
-
 EXIT_INVALID = 2
 """Bad input, a refused store operation or a failed write: nothing ran or nothing was lost."""
 
@@ -60,19 +32,6 @@ EXIT_INVALID = 2
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(EXIT_INVALID)
-
-
-def check_sweep_name(name: str) -> str:
-    """`--name` follows the grid-name rule: one safe path component inside --results-dir."""
-    from rloop_ray.spec import NAME_MAX_LENGTH, NAME_PATTERN
-
-    if not re.fullmatch(NAME_PATTERN, name) or len(name) > NAME_MAX_LENGTH:
-        raise _fail(
-            f"--name {name!r}: a sweep name is letters, digits, '.', '_' and '-', starting "
-            f"with a letter or digit, at most {NAME_MAX_LENGTH} characters (it names one "
-            f"folder inside --results-dir)"
-        )
-    return name
 
 
 @app.command()
@@ -135,6 +94,11 @@ def sweep(
     shard_seconds: Annotated[
         float, typer.Option(min=0.0, help="Write a shard at least this often.")
     ] = 30.0,
+    backend: Annotated[
+        str,
+        typer.Option(help="`ray` (a local cluster, or --address) or `local` (this process, "
+                          "no Ray: one replica per model, all its cores)."),
+    ] = "ray",
     lease_seconds: Annotated[
         float,
         typer.Option(min=1.0, help="A driver silent this long loses its lease on the sweep "
@@ -149,32 +113,16 @@ def sweep(
     failed or were not retried (reasons in failures/), 2 bad input, a refused store
     operation or a failed write, 130 interrupted (continue with --resume).
     """
-    from rloop_ray.driver import DriverConfig, DriverError, ray_session, run_sweep
-    from rloop_ray.grid import check_models, load_grid
+    from rloop_ray.api import prepare_sweep
+    from rloop_ray.driver import DriverError
     from rloop_ray.lease import LeaseError
-    from rloop_ray.plan import Plan
     from rloop_ray.spec import SpecValidationError
-    from rloop_ray.store import ResultStore, StoreError
-    from rloop_ray.worker import SpecEngineFactory
+    from rloop_ray.store import StoreError
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if extend and not resume:
-        raise _fail("--extend adds cells to an existing sweep: use it with --resume")
-    if resume and overwrite:
-        raise _fail("--resume continues a sweep and --overwrite deletes it: choose one")
-    try:
-        grid = load_grid(grid_file, models_override=_split_models(model))
-        if not skip_model_check:
-            check_models(grid)
-    except SpecValidationError as exc:
-        raise _fail(str(exc)) from exc
-    spec = grid.spec
-    if not grid.units:
-        raise _fail(f"{grid_file}: the grid expands to no cells")
-    sweep_name = check_sweep_name(name) if name is not None else spec.name
     if address and (num_gpus is not None or num_cpus is not None):
         typer.echo("warning: --num-gpus/--num-cpus size a local cluster; ignored with --address")
     if address and "://" not in results_dir and not os.path.isabs(results_dir):
@@ -184,60 +132,28 @@ def sweep(
             f"Use an absolute path on shared storage or a URI (s3://, gs://, file://)."
         )
     try:
-        store = ResultStore(_join(results_dir, sweep_name))
-        lease = store.lease(ttl_seconds=lease_seconds, command=" ".join(sys.argv))
-        lease.on_lost = _thread.interrupt_main  # stop dispatching, like a Ctrl-C
-        lease.acquire()
-    except (StoreError, LeaseError) as exc:
+        job = prepare_sweep(
+            grid_file, models=_split_models(model), results=results_dir, name=name,
+            resume=resume, overwrite=overwrite, extend=extend,
+            skip_model_check=skip_model_check, backend=backend, address=address,
+            workers=workers, num_cpus=num_cpus, num_gpus=num_gpus,
+            cpus_per_worker=cpus_per_worker, retry_failed=retry_failed,
+            shard_rows=shard_rows, shard_seconds=shard_seconds, lease_seconds=lease_seconds,
+        )
+    except (SpecValidationError, StoreError, LeaseError) as exc:
         raise _fail(str(exc)) from exc
+    grid = job.grid
+    typer.echo(
+        f"sweep {grid.spec.name} -> {job.store.uri}: {len(grid.cells)} cells in "
+        f"{len(grid.units)} units, models {', '.join(m.id for m in grid.models)}"
+    )
     try:
-        try:
-            store.prepare(
-                spec.model_dump(mode="json"),
-                plan=Plan.from_units(grid.units),
-                prompts={pid: p.text_hash for pid, p in grid.prompts.items()},
-                resume=resume,
-                overwrite=overwrite,
-                extend=extend,
-                spec_file=os.fspath(grid_file),
-                digest=spec.spec_hash(),
-            )
-        except StoreError as exc:
-            raise _fail(str(exc)) from exc
-        res = spec.resources
-        gpus = res.gpus_per_replica
-        config = DriverConfig(
-            workers=workers or res.replicas,
-            use_gpus=None if gpus is None else gpus > 0,
-            gpus_per_worker=gpus or 1.0,
-            cpus_per_worker=cpus_per_worker,
-            max_in_flight=res.max_units_in_flight_per_worker,
-            shard_rows=shard_rows,
-            shard_seconds=shard_seconds,
-            retry_failed=retry_failed,
-            pack_cells=res.batch_size,
-        )
-        texts = grid.prompt_texts()
-        typer.echo(
-            f"sweep {spec.name} -> {store.uri}: {len(grid.cells)} cells in {len(grid.units)} "
-            f"units, models {', '.join(m.id for m in grid.models)}"
-        )
-        try:
-            with ray_session(address, num_cpus=num_cpus, num_gpus=num_gpus):
-                result = run_sweep(
-                    grid.units,
-                    store,
-                    SpecEngineFactory(_engine_models(grid)),
-                    lambda unit: unit.requests(texts),
-                    config,
-                )
-        except DriverError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        except StoreError as exc:
-            raise _fail(str(exc)) from exc
-    finally:
-        lease.release()
+        result = job.run()
+    except DriverError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
     typer.echo(result.message)
     raise typer.Exit(result.exit_code)
 
