@@ -137,7 +137,7 @@ def prepare_sweep(
     workers: int | None = None,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
-    cpus_per_worker: float = 1.0,
+    cpus_per_worker: float | None = None,
     retry_failed: bool = True,
     shard_rows: int = 5000,
     shard_seconds: float = 30.0,

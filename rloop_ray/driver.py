@@ -88,10 +88,10 @@ class DriverError(RuntimeError):
 class DriverConfig:
     """Knobs of one sweep run. Defaults suit GPU workers; tests and benchmarks shrink them."""
 
-    workers: int | None = None  # None: one per GPU replica, or one per `cpus_per_worker` CPUs
+    workers: int | None = None  # None: one per GPU replica; on CPUs one per node (see below)
     use_gpus: bool | None = None  # None: GPU workers iff the cluster has GPUs
     gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: 1 for GPU workers; CPU workers share the node
     max_in_flight: int = 2  # units queued per worker: one running, one waiting to start
     shard_rows: int = 5000  # a shard is written at this many rows ...
     shard_seconds: float = 30.0  # ... or when its oldest row is this old
@@ -257,7 +257,28 @@ def _default_workers(
         return max(1, config.workers)
     if use_gpus:
         return max(1, _replica_slots(nodes, "GPU", config.gpus_per_worker))
+    if config.cpus_per_worker is None:
+        return max(1, sum(1 for n in nodes if n.get("CPU", 0) >= 1))
     return max(1, _replica_slots(nodes, "CPU", config.cpus_per_worker))
+
+
+def _worker_cpus(config: DriverConfig, use_gpus: bool, nodes: Sequence[Mapping[str, float]],
+                 n_workers: int) -> float:
+    """CPUs each replica asks Ray for (its torch threads on a CPU replica).
+
+    GPU replicas need one CPU to drive the GPU. CPU replicas without an explicit
+    `cpus_per_worker` split the cores of the nodes they land on: a replica with one thread
+    on a many-core machine leaves the rest idle (torch inside an actor runs as many
+    threads as the actor has CPUs), so the local default is one replica with every core.
+    """
+    if config.cpus_per_worker is not None:
+        return config.cpus_per_worker
+    if use_gpus:
+        return 1.0
+    cpu_nodes = [n.get("CPU", 0) for n in nodes if n.get("CPU", 0) >= 1] or [1.0]
+    per_node = math.ceil(n_workers / len(cpu_nodes))
+    share = min(cpu_nodes) / per_node
+    return float(math.floor(share)) if share >= 1 else share
 
 
 def _progress_enabled(config: DriverConfig) -> bool:
@@ -440,8 +461,8 @@ class _Run:
         self.engines.setdefault(model, info["engine"])
         if info.get("max_batch_size"):
             self.engine_batch.setdefault(model, int(info["max_batch_size"]))
-        keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds")
-        self.workers.append({"model": model, **{k: info[k] for k in keys}})
+        keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
+        self.workers.append({"model": model, **{k: info.get(k) for k in keys}})
         queue: deque[_Task] = deque(tasks)
         while queue and not self.latch.stop:
             task = queue.popleft()
@@ -449,7 +470,8 @@ class _Run:
             self.accept(self._split_oom(task, rows, queue.appendleft))
             self.maybe_flush()
 
-    def run_model(self, model: str, tasks: list[_Task], n_workers: int, use_gpus: bool) -> None:
+    def run_model(self, model: str, tasks: list[_Task], n_workers: int, use_gpus: bool,
+                  cpus: float = 1.0) -> None:
         import ray
         from ray.exceptions import RayError
 
@@ -463,8 +485,9 @@ class _Run:
                     model,
                     i,
                     num_gpus=cfg.gpus_per_worker if use_gpus else 0,
-                    num_cpus=cfg.cpus_per_worker,
+                    num_cpus=cpus,
                     max_restarts=cfg.max_restarts,
+                    threads=None if use_gpus else max(1, int(cpus)),
                 ),
             )
             for i in range(n_workers)
@@ -475,7 +498,8 @@ class _Run:
         pending: dict[Any, tuple[str, _Worker, _Task | None]] = {}
         for w in workers:
             pending[w.handle.ready.remote()] = ("ready", w, None)
-        log.info("model %s: starting %d workers for %d units", model, n_workers, len(tasks))
+        log.info("model %s: starting %d workers (%s CPUs each) for %d tasks", model, n_workers,
+                 f"{cpus:g}", len(tasks))
 
         def submit(w: _Worker, t: _Task) -> Any:
             return w.handle.run_unit.remote(t.requests, t.attempt, t.max_batch_size)
@@ -653,8 +677,8 @@ class _Run:
             self.engines.setdefault(model, info["engine"])
             if info.get("max_batch_size"):
                 self.engine_batch.setdefault(model, int(info["max_batch_size"]))
-            keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds")
-            self.workers.append({"model": model, **{k: info[k] for k in keys}})
+            keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
+            self.workers.append({"model": model, **{k: info.get(k) for k in keys}})
             log.info(
                 "worker %s ready on node %s, accelerators %s (load %.1fs)",
                 info["worker"],
@@ -842,7 +866,8 @@ def run_sweep(
                         nodes = _node_resources()  # nodes that joined since the last count
                         n_workers = min(_default_workers(cfg, use_gpus, nodes),
                                         len(model_tasks))
-                        run.run_model(model, model_tasks, n_workers, use_gpus)
+                        cpus = _worker_cpus(cfg, use_gpus, nodes, n_workers)
+                        run.run_model(model, model_tasks, n_workers, use_gpus, cpus)
                 except DriverError as exc:
                     log.error("%s", exc)
                     run.errors.append(str(exc))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -57,6 +58,21 @@ def _runtime_ids() -> dict[str, Any]:
     }
 
 
+def _set_torch_threads(threads: int | None) -> int | None:
+    """Give torch the replica's CPUs as intra-op threads (None: leave torch's default).
+
+    Inside a Ray actor torch starts with one thread per CPU Ray *assigned* at process start
+    (often 1), whatever the actor later asks for; setting it after the model load is
+    enough, since only later ops use it. Engines that never imported torch are left alone.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if threads is not None and threads >= 1:
+        torch.set_num_threads(int(threads))
+    return int(torch.get_num_threads())
+
+
 def failed_rows(
     requests: Sequence[CellRequest], error_type: str, error: str
 ) -> list[dict[str, Any]]:
@@ -70,7 +86,8 @@ def failed_rows(
 class ModelWorker:
     """One model replica. Construct with `remote_worker(...)` to run it as a Ray actor."""
 
-    def __init__(self, engine_factory: EngineFactory, model: str, index: int = 0) -> None:
+    def __init__(self, engine_factory: EngineFactory, model: str, index: int = 0,
+                 threads: int | None = None) -> None:
         self.model = model
         self.index = index
         ids = _runtime_ids()
@@ -83,6 +100,7 @@ class ModelWorker:
         t0 = time.perf_counter()
         self.engine = engine_factory(model)  # the one model load of this replica
         self.load_seconds = time.perf_counter() - t0
+        self.threads = _set_torch_threads(threads)
         log.info("worker %s loaded %s in %.1fs", self.name, model, self.load_seconds)
 
     def ready(self) -> dict[str, Any]:
@@ -96,6 +114,7 @@ class ModelWorker:
             "accelerator_ids": self.accelerator_ids,
             "load_seconds": self.load_seconds,
             "max_batch_size": getattr(self.engine, "max_batch_size", None),
+            "threads": self.threads,
             "engine": self.engine.info(),
         }
 
@@ -152,6 +171,7 @@ def remote_worker(
     num_gpus: float = 0,
     num_cpus: float = 1,
     max_restarts: int = 3,
+    threads: int | None = None,
 ) -> Any:
     """Start one `ModelWorker` actor and return its handle.
 
@@ -170,7 +190,7 @@ def remote_worker(
         max_restarts=max_restarts,
         max_task_retries=0,
         name=None,
-    ).remote(engine_factory, model, index)
+    ).remote(engine_factory, model, index, threads)
 
 
 GPU_MEMORY_FRACTION = 0.9

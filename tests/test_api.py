@@ -82,9 +82,11 @@ def test_ray_backend_gives_the_same_cell_ids_and_tokens(local_results, tmp_path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = rloop_ray.run(QUICKSTART, model="tiny-llama", results=tmp_path,
-                               backend="ray", workers=1, progress=False)
+                               backend="ray", progress=False)
     finally:
         ray.shutdown()
+    [replica] = on_ray.manifest["runs"][-1]["workers"]
+    assert replica["threads"] == 2  # one CPU replica with both cores, not 1 thread of 2
     a = local_results.cells.set_index("cell_id").sort_index()
     b = on_ray.cells.set_index("cell_id").sort_index()
     assert list(a.index) == list(b.index)

@@ -26,6 +26,7 @@ from rloop_ray.driver import (
     DriverError,
     SweepResult,
     _default_workers,
+    _worker_cpus,
     _node_resources,
     _replica_slots,
     run_sweep,
@@ -140,6 +141,13 @@ def test_replicas_are_counted_per_node():
     assert _default_workers(gpu, True, [{"GPU": 4}, {"GPU": 1}]) == 2
     assert _default_workers(DriverConfig(workers=7), True, two_single) == 7
     assert _default_workers(DriverConfig(cpus_per_worker=2), False, two_single) == 4
+    # CPU replicas by default: one per node, each with the node's cores (torch threads)
+    assert _default_workers(DriverConfig(), False, two_single) == 2
+    assert _worker_cpus(DriverConfig(), False, two_single, 2) == 4.0
+    assert _worker_cpus(DriverConfig(), False, [{"CPU": 2}], 2) == 1.0
+    assert _worker_cpus(DriverConfig(), False, [{"CPU": 2}], 4) == 0.5  # still schedulable
+    assert _worker_cpus(DriverConfig(), True, two_single, 2) == 1.0
+    assert _worker_cpus(DriverConfig(cpus_per_worker=3), False, two_single, 2) == 3
 
 
 # -- two nodes ------------------------------------------------------------------------------

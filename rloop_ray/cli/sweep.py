@@ -77,7 +77,11 @@ def sweep(
     num_cpus: Annotated[
         int | None, typer.Option(min=1, help="CPUs of the local Ray cluster (no --address).")
     ] = None,
-    cpus_per_worker: Annotated[float, typer.Option(min=0.0, help="CPUs per replica.")] = 1.0,
+    cpus_per_worker: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="CPUs per replica (its torch threads on CPU). Default: 1 "
+                                   "with GPUs; CPU replicas share their node's cores."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Delete the existing sweep results/<name> and start over.")
     ] = False,
