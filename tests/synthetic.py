@@ -1,11 +1,12 @@
-"""Synthetic results folders with known effects, for testing stats, figures and rating.
+"""Synthetic sweeps with known effects, for testing stats, figures and rating.
 
-A real sweep needs a model; the statistics do not. `make_sweep` writes what the store
-writes (`manifest.json`, `cells/*.parquet`, `failures/`) with metric values drawn from
-normal distributions whose means per condition are chosen by the test, so every
-statistic has a known answer and can be checked against a direct scipy computation.
+A real sweep needs a model; the statistics do not. `make_sweep` writes a sweep through
+`ResultStore`, as the driver does (a manifest with a plan, `cells/` shards, failure
+records), with metric values drawn from normal distributions whose means per condition
+are chosen by the test, so every statistic has a known answer and can be checked against
+a direct scipy computation.
 
-Design of the synthetic grid (it mirrors the classic one, DESIGN §3):
+Design of the synthetic grid (it mirrors the classic one):
 
 * `n_prompts` baseline targets `base-i`, recursive targets `rec-i` (levels 1..5 in turn),
   optionally long_control targets `long-i`; natural cells for each (A, B, L);
@@ -20,13 +21,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from rloop_ray.plan import Plan
+from rloop_ray.store import ResultStore
+from rloop_ray.vocab import (
+    BASELINE_GROUP,
+    CLASSIC_CONDITIONS,
+    LONG_CONTROL_GROUP,
+    MIX,
+    NATURAL,
+    NONE,
+    OTHER,
+    PATCH,
+    RANDOM,
+    RECURSIVE_GROUP,
+    SELF,
+    SHUFFLE,
+    STATUS_FAILED,
+    STATUS_OK,
+    SWEEP_COMPLETE,
+    SWEEP_INTERRUPTED,
+)
 
 METRICS = ("rv", "score_keywords", "score_self_ref", "score_logprob_contrast")
 
@@ -36,7 +58,7 @@ class Point:
     """An intervention point; `gain` scales how much of the B-A gap C closes there."""
 
     site: str = "kv"
-    mode: str = "mix"
+    mode: str = MIX
     layers: str = "16:32"
     tokens: str = "all"
     align: str = "end"
@@ -63,7 +85,7 @@ class Effects:
     prompt_sd: float = 0.5
     """Per-target prompt effect, in units of each metric's noise sd."""
     controls: dict[str, float] = field(default_factory=lambda: {
-        "shuffle": 0.0, "random": 0.0, "other": 0.0, "self": 0.0,
+        SHUFFLE: 0.0, RANDOM: 0.0, OTHER: 0.0, SELF: 0.0,
     })
     level_slope: dict[str, float] = field(default_factory=lambda: {"rv": -0.01})
     """Change of the recursive-natural mean per recursion level (levels 1..5, centred at 3)."""
@@ -82,12 +104,15 @@ class Effects:
 
 @dataclass
 class SyntheticSweep:
-    path: Path
+    path: Path | str
+    """The sweep folder, or its URI when `make_sweep` was given one."""
     cells: pd.DataFrame
     """Every planned cell (before any partial drop), with the values written."""
     written: pd.DataFrame
     """The rows actually written (after partial drop and failures)."""
     n_total: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """Every planned cell as a store row (before failures), e.g. to write a retry."""
 
 
 def _cell_id(coords: dict[str, Any]) -> str:
@@ -103,25 +128,28 @@ def make_sweep(
     n_prompts: int = 20,
     points: Sequence[Point] = (Point(),),
     alphas: Sequence[float] = (1.0,),
-    controls: Sequence[str] = ("shuffle", "random", "other", "self"),
+    controls: Sequence[str] = (SHUFFLE, RANDOM, OTHER, SELF),
     effects: Effects | None = None,
     long_control: bool = False,
     trajectory_steps: int = 12,
     fail_every: int = 0,
     nan_rv_every: int = 0,
     keep_fraction: float = 1.0,
-    orphan_failures: int = 0,
     duplicate_rows: int = 0,
-    write_total: bool = True,
+    stale_rows: int = 0,
+    skip: Callable[[dict[str, Any]], bool] | None = None,
+    write_plan: bool = True,
     seed: int = 0,
 ) -> SyntheticSweep:
-    """Write `root/name/` like a sweep would and return what was written.
+    """Write `root/name/` through the store like a sweep would; return what was written.
 
     `fail_every=k` marks every k-th cell failed (row in cells/ with status failed, plus a
     record in failures/); `nan_rv_every=k` leaves R_V null with a reason on every k-th ok
-    cell; `keep_fraction<1` writes a seeded subset (a partial sweep); `orphan_failures`
-    adds failures known only from failures/; `duplicate_rows` re-writes rows in a second
-    shard (readers must dedupe).
+    cell; `keep_fraction<1` writes a seeded subset (a partial sweep); `duplicate_rows`
+    re-writes rows in another shard (readers must dedupe); `stale_rows` writes rows of
+    cells outside the plan (as an earlier plan would have left); `skip(row)` true keeps a
+    planned cell unwritten; `write_plan=False` writes no plan (a legacy sweep, whose
+    completeness is unknown). `root` may be a URI (`file://...`, `memory://...`).
     """
     eff = effects or Effects()
     rng = np.random.default_rng(seed)
@@ -142,7 +170,7 @@ def make_sweep(
         row["unit_id"] = _cell_id({"model": model, "s": coords["source_id"], "t": target})
         row.update({m: value(m, means[m], target) for m in metrics})
         row["rv_prompt"] = float(row["rv"] - eff.prompt_offset * (coords["target_group"]
-                                                                  == "recursive"))
+                                                                  == RECURSIVE_GROUP))
         if trajectory_steps:
             steps = np.linspace(row["rv_prompt"], row["rv"], trajectory_steps)
             noise = rng.normal(0, 0.005, len(steps))
@@ -152,8 +180,8 @@ def make_sweep(
         row["score_technical"] = float(rng.normal(1.0, 0.5))
         row["pr_early"] = float(10 + rng.normal(0, 0.5))
         row["pr_late"] = float(row["rv"] * row["pr_early"])
-        row["rv_status"] = "ok"
-        row["status"] = "ok"
+        row["rv_status"] = STATUS_OK
+        row["status"] = STATUS_OK
         row["generated_text"] = (
             f"Synthetic continuation {len(rows)}: the model describes "
             f"{'its own processing' if row['score_self_ref'] > 2 else 'the weather'}."
@@ -163,19 +191,19 @@ def make_sweep(
         row["worker"] = "synthetic"
         rows.append(row)
 
-    groups = ["baseline", "recursive"] + (["long_control"] if long_control else [])
-    prefix = {"baseline": "base", "recursive": "rec", "long_control": "long"}
+    groups = [BASELINE_GROUP, RECURSIVE_GROUP] + ([LONG_CONTROL_GROUP] if long_control else [])
+    prefix = {BASELINE_GROUP: "base", RECURSIVE_GROUP: "rec", LONG_CONTROL_GROUP: "long"}
     for model in models:
         scale = eff.model_scale.get(model, 1.0)
         gap = {m: scale * (eff.b[m] - eff.a[m]) for m in metrics}
         nat = {
-            "baseline": dict(eff.a),
-            "recursive": {m: eff.a[m] + gap[m] for m in metrics},
-            "long_control": dict(eff.a),
+            BASELINE_GROUP: dict(eff.a),
+            RECURSIVE_GROUP: {m: eff.a[m] + gap[m] for m in metrics},
+            LONG_CONTROL_GROUP: dict(eff.a),
         }
         for group in groups:
             for i in range(n_prompts):
-                level = (i % 5) + 1 if group == "recursive" else None
+                level = (i % 5) + 1 if group == RECURSIVE_GROUP else None
                 means = dict(nat[group])
                 if level is not None:
                     for m, slope in eff.level_slope.items():
@@ -183,9 +211,9 @@ def make_sweep(
                 add(model, {
                     "source_id": None, "target_id": f"{prefix[group]}-{i:02d}",
                     "source_group": None, "target_group": group, "source_level": None,
-                    "target_level": level, "pair_index": i, "site": "none", "mode": None,
+                    "target_level": level, "pair_index": i, "site": NONE, "mode": None,
                     "layers": None, "tokens": None, "align": None, "alpha": None,
-                    "control": "natural", "seed": 0,
+                    "control": NATURAL, "seed": 0,
                 }, means)
         for point in points:
             for alpha in alphas:
@@ -198,89 +226,82 @@ def make_sweep(
                 for i in range(n_prompts):
                     level = (i % 5) + 1
                     add(model, {**base, "source_id": f"rec-{i:02d}",
-                                "target_id": f"base-{i:02d}", "source_group": "recursive",
-                                "target_group": "baseline", "source_level": level,
-                                "target_level": None, "pair_index": i, "control": "patch"},
-                        {m: nat["baseline"][m] + shift[m] for m in metrics})
+                                "target_id": f"base-{i:02d}", "source_group": RECURSIVE_GROUP,
+                                "target_group": BASELINE_GROUP, "source_level": level,
+                                "target_level": None, "pair_index": i, "control": PATCH},
+                        {m: nat[BASELINE_GROUP][m] + shift[m] for m in metrics})
                     add(model, {**base, "source_id": f"base-{i:02d}",
-                                "target_id": f"rec-{i:02d}", "source_group": "baseline",
-                                "target_group": "recursive", "source_level": None,
-                                "target_level": level, "pair_index": i, "control": "patch"},
-                        {m: nat["recursive"][m] - shift[m] for m in metrics})
+                                "target_id": f"rec-{i:02d}", "source_group": BASELINE_GROUP,
+                                "target_group": RECURSIVE_GROUP, "source_level": None,
+                                "target_level": level, "pair_index": i, "control": PATCH},
+                        {m: nat[RECURSIVE_GROUP][m] - shift[m] for m in metrics})
                     for ctrl in controls:
                         source = {
-                            "shuffle": ("rec", i, "recursive"), "random": ("rec", i, "recursive"),
-                            "other": ("base", (i + 1) % n_prompts, "baseline"),
-                            "self": ("base", i, "baseline"),
+                            SHUFFLE: ("rec", i, RECURSIVE_GROUP),
+                            RANDOM: ("rec", i, RECURSIVE_GROUP),
+                            OTHER: ("base", (i + 1) % n_prompts, BASELINE_GROUP),
+                            SELF: ("base", i, BASELINE_GROUP),
                         }[ctrl]
                         frac = eff.controls.get(ctrl, 0.0)
                         add(model, {**base, "source_id": f"{source[0]}-{source[1]:02d}",
                                     "target_id": f"base-{i:02d}", "source_group": source[2],
-                                    "target_group": "baseline",
-                                    "source_level": level if source[2] == "recursive" else None,
+                                    "target_group": BASELINE_GROUP,
+                                    "source_level": level if source[2] == RECURSIVE_GROUP
+                                    else None,
                                     "target_level": None, "pair_index": i, "control": ctrl},
-                            {m: nat["baseline"][m] + frac * alpha * gap[m] for m in metrics})
+                            {m: nat[BASELINE_GROUP][m] + frac * alpha * gap[m] for m in metrics})
 
-    cells = pd.DataFrame(rows)
-    written = cells.copy()
+    planned = [dict(r) for r in rows]
+    written_rows = [dict(r) for r in rows if skip is None or not skip(r)]
     if fail_every:
-        failed = written.index[::fail_every]
-        for col in (*metrics, "rv_prompt", "pr_early", "pr_late", "score_technical"):
-            written.loc[failed, col] = np.nan
-        written.loc[failed, "rv_trajectory"] = None
-        written.loc[failed, "generated_text"] = None
-        written.loc[failed, "status"] = "failed"
-        written.loc[failed, "rv_status"] = None
-        written.loc[failed, "error_type"] = "RuntimeError"
-        written.loc[failed, "error"] = "synthetic failure\nTraceback: ..."
+        for row in written_rows[::fail_every]:
+            for col in (*metrics, "rv_prompt", "pr_early", "pr_late", "score_technical"):
+                row[col] = None
+            row.update(rv_trajectory=None, generated_text=None, status=STATUS_FAILED,
+                       rv_status=None, error_type="RuntimeError",
+                       error="synthetic failure\nTraceback: ...")
     if nan_rv_every:
-        ok_idx = written.index[written["status"] == "ok"][1::nan_rv_every]
-        written.loc[ok_idx, "rv"] = np.nan
-        written.loc[ok_idx, "rv_status"] = "too_few_tokens:5<16"
+        ok_rows = [r for r in written_rows if r["status"] == STATUS_OK]
+        for row in ok_rows[1::nan_rv_every]:
+            row.update(rv=None, rv_status="too_few_tokens:5<16")
     if keep_fraction < 1.0:
-        keep = rng.random(len(written)) < keep_fraction
-        written = written[keep]
-    written = written.reset_index(drop=True)
+        keep = rng.random(len(written_rows)) < keep_fraction
+        written_rows = [r for r, k in zip(written_rows, keep, strict=True) if k]
 
-    path = Path(root) / name
-    (path / "cells").mkdir(parents=True, exist_ok=True)
-    (path / "failures").mkdir(parents=True, exist_ok=True)
-    half = len(written) // 2
-    written.iloc[:half].to_parquet(path / "cells" / "part-0001.parquet", index=False)
-    written.iloc[half:].to_parquet(path / "cells" / "part-0002.parquet", index=False)
+    path: Path | str = (f"{root}/{name}" if "://" in str(root) else Path(root) / name)
+    store = ResultStore(path)
+    plan = Plan(tuple(r["cell_id"] for r in planned), tuple(r["unit_id"] for r in planned),
+                tuple(r["model"] for r in planned))
+    store.prepare(_spec(name, models, n_prompts, points, alphas, controls),
+                  plan=plan if write_plan else None)
+    store.start_run()
+    half = len(written_rows) // 2
+    store.write_cells(written_rows[:half])
+    store.write_cells(written_rows[half:])
     if duplicate_rows:
-        dup = written.iloc[:duplicate_rows]
-        dup.to_parquet(path / "cells" / "part-0003.parquet", index=False)
-    failures = written[written["status"] == "failed"]
-    lines = [json.dumps({"cell_id": r.cell_id, "model": r.model, "error_type": "RuntimeError",
-                         "error": "synthetic failure", "attempt": 1, "worker": "synthetic"})
-             for r in failures.itertuples()]
-    lines += [json.dumps({"cell_id": f"orphan{i:010d}", "error_type": "WorkerDied",
-                          "error": "actor died", "attempt": 1}) for i in range(orphan_failures)]
-    if lines:
-        (path / "failures" / "failures.jsonl").write_text("\n".join(lines) + "\n")
-    n_total = len(cells) + orphan_failures
-    manifest: dict[str, Any] = {
-        "name": name,
-        "spec": {
-            "name": name, "models": [{"id": m} for m in models],
-            "prompts": {"conditions": ["A", "B", "C", "D"], "n_pairs": n_prompts},
-            "interventions": {
-                "site": sorted({p.site for p in points}),
-                "layers": sorted({p.layers for p in points}),
-                "tokens": sorted({p.tokens for p in points}),
-                "alpha": list(alphas),
-                "mode": sorted({p.mode for p in points}),
-            },
-            "controls": ["natural", *controls],
+        store.write_cells(written_rows[:duplicate_rows])
+    if stale_rows:
+        stale = [{**r, "cell_id": f"stale{i:011d}"} for i, r in enumerate(rows[:stale_rows])]
+        store.write_cells(stale)
+    store.write_failures([r for r in written_rows if r["status"] == STATUS_FAILED])
+    store.finish_run(SWEEP_COMPLETE if keep_fraction >= 1.0 else SWEEP_INTERRUPTED)
+    return SyntheticSweep(path=path, cells=pd.DataFrame(planned),
+                          written=pd.DataFrame(written_rows), n_total=len(planned),
+                          rows=planned)
+
+
+def _spec(name: str, models: Sequence[str], n_prompts: int, points: Sequence[Point],
+          alphas: Sequence[float], controls: Sequence[str]) -> dict[str, Any]:
+    """The grid the synthetic sweep pretends to come from (what the manifest records)."""
+    return {
+        "name": name, "models": [{"id": m} for m in models],
+        "prompts": {"conditions": list(CLASSIC_CONDITIONS), "n_pairs": n_prompts},
+        "interventions": {
+            "site": sorted({p.site for p in points}),
+            "layers": sorted({p.layers for p in points}),
+            "tokens": sorted({p.tokens for p in points}),
+            "alpha": list(alphas),
+            "mode": sorted({p.mode for p in points}),
         },
-        "spec_hash": hashlib.sha256(name.encode()).hexdigest(),
-        "versions": {"rloop-ray": "0.1.0", "numpy": np.__version__, "pandas": pd.__version__},
-        "started_at": "2026-11-25T12:00:00Z",
-        "finished_at": "2026-11-25T13:00:00Z" if keep_fraction >= 1.0 else None,
-        "status": "complete" if keep_fraction >= 1.0 else "interrupted",
+        "controls": [NATURAL, *controls],
     }
-    if write_total:
-        manifest["n_cells_total"] = n_total
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return SyntheticSweep(path=path, cells=cells, written=written, n_total=n_total)

@@ -13,7 +13,7 @@ from matplotlib import image as mpimg
 from synthetic import Effects, Point, make_sweep
 from typer.testing import CliRunner
 
-from rloop_ray import report
+from rloop_ray.analysis import report
 from rloop_ray.cli import app
 
 N_BOOT = 200
@@ -143,3 +143,42 @@ def test_cli_stats_end_to_end(tmp_path):
     assert bad.exit_code == 2 and "Available" in bad.output
     missing = CliRunner().invoke(app, ["stats", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
+
+
+@pytest.mark.parametrize("where", ["empty", "parent"])
+def test_cli_stats_refuses_a_folder_that_is_not_a_sweep(tmp_path, where):
+    sw = make_sweep(tmp_path / "results", "one", models=("llama-tiny",), n_prompts=4,
+                    controls=())
+    folder = tmp_path / "empty" if where == "empty" else sw.path.parent
+    folder.mkdir(exist_ok=True)
+    before = sorted(p.name for p in folder.iterdir())
+    result = CliRunner().invoke(app, ["stats", str(folder), "--no-figures"])
+    assert result.exit_code == 2, result.output
+    assert "not a sweep directory (no manifest.json)" in result.output
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written into it
+
+
+def test_cli_stats_refuses_a_damaged_shard_and_names_it(tmp_path):
+    sw = make_sweep(tmp_path, "damaged", models=("llama-tiny",), n_prompts=4, controls=())
+    bad = sw.path / "cells" / "part-torn.parquet"
+    bad.write_bytes(b"PAR1 not really a parquet file")
+    result = CliRunner().invoke(app, ["stats", str(sw.path), "--no-figures"])
+    assert result.exit_code == 2, result.output
+    assert "part-torn.parquet" in result.output
+    assert f"rloop-ray repair {sw.path}" in " ".join(result.output.split())
+    assert not (sw.path / "report.md").exists()
+
+
+def test_cli_stats_on_an_object_store_needs_out(tmp_path):
+    pytest.importorskip("fsspec")
+    sw = make_sweep("memory://stats-cli", "remote", models=("llama-tiny",), n_prompts=6,
+                    controls=())
+    refused = CliRunner().invoke(app, ["stats", sw.path, "--no-figures"])
+    assert refused.exit_code == 2, refused.output
+    assert "--out" in refused.output
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["stats", sw.path, "--out", str(out), "--no-figures",
+                                    "--n-resamples", "200"])
+    assert done.exit_code == 0, done.output
+    assert (out / "report.md").is_file() and (out / "stats" / "comparisons.parquet").is_file()
+    assert f"from `{sw.path}`" in (out / "report.md").read_text()

@@ -14,7 +14,7 @@ import pytest
 from synthetic import make_sweep
 from typer.testing import CliRunner
 
-from rloop_ray import rating, stats
+from rloop_ray.analysis import HUMAN_SCORES_FILE, rating, run_stats
 from rloop_ray.cli import app
 
 
@@ -86,7 +86,7 @@ def test_round_trip_becomes_a_metric(sweep):
     res = rating.import_ratings(sweep.path, sheet)
     assert (res.n_rated, res.n_blank, res.n_cells_scored) == (29, 1, 29)
 
-    result = stats.run_stats(sweep.path, n_resamples=200)
+    result = run_stats(sweep.path, n_resamples=200)
     assert "score_human" in result.metrics
     human = result.conditions[result.conditions["metric"] == "score_human"]
     assert human["n_valid"].sum() == 29
@@ -102,7 +102,7 @@ def test_round_trip_becomes_a_metric(sweep):
     # re-importing a corrected sheet of the same name replaces it (no double counting)
     rows[1][2] = "3"
     rating.import_ratings(sweep.path, _write_sheet(sheet, ["anon_id", "text", "rating"], rows))
-    scores = pd.read_parquet(sweep.path / stats.HUMAN_SCORES_FILE)
+    scores = pd.read_parquet(sweep.path / HUMAN_SCORES_FILE)
     assert len(scores) == 29 and (scores["n_ratings"] == 1).all()
     assert scores.set_index("cell_id").loc[key[rows[1][0]], "score_human"] == 3.0
 
@@ -114,7 +114,7 @@ def test_several_raters_are_averaged(sweep):
     sheet = _write_sheet(sweep.path / "two.csv", ["anon_id", "rater", "rating"], rows)
     res = rating.import_ratings(sweep.path, sheet)
     assert res.n_rated == 10
-    scores = pd.read_parquet(sweep.path / stats.HUMAN_SCORES_FILE)
+    scores = pd.read_parquet(sweep.path / HUMAN_SCORES_FILE)
     assert np.allclose(scores["score_human"], 3.0) and (scores["n_ratings"] == 2).all()
 
 
@@ -151,7 +151,7 @@ def test_malformed_sheets_name_the_line(sweep, name, header, make_rows, expected
     assert code == 2, output
     assert "malformed ratings file" in output
     assert re.search(expected, output), output
-    assert not (sweep.path / stats.HUMAN_SCORES_FILE).exists()
+    assert not (sweep.path / HUMAN_SCORES_FILE).exists()
 
 
 def test_line_numbers_count_multiline_texts(sweep):
@@ -182,3 +182,18 @@ def test_cli_export(sweep):
     assert len(_read_sheet(sheet)) == 7
     assert (sweep.path / "rating" / "key_seed9.json").is_file()
     assert "private" in out.output
+
+
+def test_rating_needs_a_local_sweep(tmp_path):
+    pytest.importorskip("fsspec")
+    remote = make_sweep("memory://rating-cli", "remote", models=("llama-tiny",), n_prompts=4,
+                        controls=())
+    out = CliRunner().invoke(app, ["rate", "export", remote.path, "--n", "3"])
+    assert out.exit_code == 2 and "not a local folder" in out.output
+    (tmp_path / "plain").mkdir()
+    sheet = _write_sheet(tmp_path / "s.csv", ["anon_id", "rating"], [["r1", "1"]])
+    for args in (["rate", "export", str(tmp_path / "plain")],
+                 ["rate", "import", str(tmp_path / "plain"), str(sheet)]):
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 2 and "no manifest.json" in out.output, out.output
+    assert list((tmp_path / "plain").iterdir()) == []

@@ -1,13 +1,12 @@
-"""Every statistic of stats.py against a direct scipy computation on synthetic sweeps.
+"""Every statistic of rloop_ray.analysis against a direct scipy computation.
 
-The synthetic tables (tests/synthetic.py) have known effects; the direct computations
-here read the rows as written, without going through the loader, so a bug in loading,
-grouping or pairing shows up as a mismatch.
+The synthetic sweeps (tests/synthetic.py, written through the store) have known effects;
+the direct computations here read the rows as written, without going through the loader,
+so a bug in loading, grouping or pairing shows up as a mismatch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -16,7 +15,12 @@ import pytest
 from scipy import stats as ss
 from synthetic import Effects, Point, make_sweep
 
-from rloop_ray import stats
+from rloop_ray.analysis import derive_notes, load_results, run_stats, write_tables
+from rloop_ray.analysis.effects import transfer_efficiency
+from rloop_ray.analysis.estimators import d_confidence_interval, spearman
+from rloop_ray.analysis.labels import normalise_cells
+from rloop_ray.plan import Plan
+from rloop_ray.store import ResultStore
 
 N_BOOT = 300
 MODEL = "llama-tiny"
@@ -28,14 +32,14 @@ def sweep(tmp_path_factory: pytest.TempPathFactory):
     return make_sweep(
         root, "effects", models=(MODEL, "mistral-tiny"), n_prompts=12,
         points=(Point(layers="16:32", gain=1.0), Point(layers="0:16", gain=0.0)),
-        alphas=(0.0, 0.5, 1.0), fail_every=41, nan_rv_every=31, orphan_failures=1,
+        alphas=(0.0, 0.5, 1.0), fail_every=41, nan_rv_every=31, stale_rows=3,
         duplicate_rows=2, effects=Effects(model_scale={"mistral-tiny": 0.5}), seed=3,
     )
 
 
 @pytest.fixture(scope="module")
 def result(sweep):
-    return stats.run_stats(sweep.path, n_resamples=N_BOOT, seed=7)
+    return run_stats(sweep.path, n_resamples=N_BOOT, seed=7)
 
 
 def _ok(frame: pd.DataFrame, **where: object) -> pd.DataFrame:
@@ -96,10 +100,10 @@ def test_failed_and_nan_cells_are_counted_not_dropped(sweep, result):
     reasons = " ".join(rv["nan_reasons"])
     assert "too_few_tokens:5<16" in reasons
     comp = result.completeness
-    assert comp.n_failed == int((w["status"] == "failed").sum()) + 1  # + the orphan failure
-    assert comp.n_failed_unattributed == 1
+    assert comp.n_failed == int((w["status"] == "failed").sum())
     assert comp.n_duplicate_rows == 2
-    assert comp.n_done == len(w) + 1 == comp.n_expected
+    assert comp.n_stale_rows == 3  # rows of cells outside the plan: excluded, counted
+    assert comp.n_done == len(w) == comp.n_expected
 
 
 # --- comparisons ----------------------------------------------------------------------------
@@ -154,18 +158,18 @@ def test_paired_comparison_matches_scipy(sweep, result):
 
 def test_d_interval_inverts_the_noncentral_t():
     d, n_a, n_b = 0.8, 15, 18
-    low, high = stats.d_confidence_interval(d, n_a, n_b, 0.95)
+    low, high = d_confidence_interval(d, n_a, n_b, 0.95)
     scale = math.sqrt(n_a * n_b / (n_a + n_b))
     t_obs, df = d * scale, n_a + n_b - 2
     assert ss.nct.cdf(t_obs, df, low * scale) == pytest.approx(0.975, abs=1e-6)
     assert ss.nct.cdf(t_obs, df, high * scale) == pytest.approx(0.025, abs=1e-6)
     # paired: d_z with n pairs, t = d_z * sqrt(n)
-    low_z, high_z = stats.d_confidence_interval(-1.5, 10, None, 0.95)
+    low_z, high_z = d_confidence_interval(-1.5, 10, None, 0.95)
     assert ss.nct.cdf(-1.5 * math.sqrt(10), 9, low_z * math.sqrt(10)) == pytest.approx(
         0.975, abs=1e-6)
     assert low_z < -1.5 < high_z
     # large samples: close to the normal approximation
-    low_l, high_l = stats.d_confidence_interval(0.5, 2000, 2000, 0.95)
+    low_l, high_l = d_confidence_interval(0.5, 2000, 2000, 0.95)
     se = math.sqrt(4000 / (2000 * 2000) + 0.25 / 8000)
     assert low_l == pytest.approx(0.5 - 1.96 * se, abs=0.01)
     assert high_l == pytest.approx(0.5 + 1.96 * se, abs=0.01)
@@ -215,13 +219,13 @@ def test_fdr_is_one_family_over_every_test(result):
 def test_null_sweep_nothing_survives_fdr(tmp_path):
     sw = make_sweep(tmp_path, "null", models=(MODEL,), n_prompts=12, effects=Effects.null(),
                     alphas=(0.5, 1.0), seed=11)
-    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    res = run_stats(sw.path, n_resamples=N_BOOT)
     tested = res.comparisons[res.comparisons["p"].notna()]
     assert len(tested) > 100
     assert (tested["p_fdr"] >= 0.05).all()
     assert not res.comparisons["significant"].any()
     assert (res.dose["p_fdr"].dropna() >= 0.05).all()
-    notes = " ".join(n.text for n in stats.derive_notes(res))
+    notes = " ".join(n.text for n in derive_notes(res))
     assert "No comparison survives the correction" in notes
 
 
@@ -252,14 +256,14 @@ def test_transfer_efficiency_and_bootstrap_match_scipy(sweep, result):
 
 
 def test_transfer_bootstrap_is_seeded_and_independent_of_row_order(sweep):
-    cells = stats.load_results(sweep.path).cells
+    cells = load_results(sweep.path).cells
     cells = cells[cells["model"] == MODEL]
     metrics = ["rv"]
-    one = stats.transfer_efficiency(cells, metrics, seed=5, n_resamples=N_BOOT)
+    one = transfer_efficiency(cells, metrics, seed=5, n_resamples=N_BOOT)
     shuffled = cells.sample(frac=1.0, random_state=0)  # as if written in other shards
-    two = stats.transfer_efficiency(shuffled, metrics, seed=5, n_resamples=N_BOOT)
+    two = transfer_efficiency(shuffled, metrics, seed=5, n_resamples=N_BOOT)
     pd.testing.assert_frame_equal(one, two)
-    other = stats.transfer_efficiency(cells, metrics, seed=6, n_resamples=N_BOOT)
+    other = transfer_efficiency(cells, metrics, seed=6, n_resamples=N_BOOT)
     assert not np.allclose(one["eff_ci_low"], other["eff_ci_low"], equal_nan=True)
 
 
@@ -323,13 +327,13 @@ def test_transplant_all_note_and_source_natural_comparison(tmp_path):
     sw = make_sweep(tmp_path, "transplant", models=(MODEL,), n_prompts=12,
                     points=(Point(mode="transplant", layers="all"), Point(layers="16:32")),
                     controls=())
-    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    res = run_stats(sw.path, n_resamples=N_BOOT)
     src = res.comparisons[res.comparisons["comparison"] == "source_natural"]
     assert len(src) and set(src["layers"]) == {"all"}
     c_rows = src[src["a"].str.startswith("C:")]
     assert set(c_rows["b"]) == {"B: natural recursive"}
     assert (c_rows["test"] == "paired_t").all()  # C's source_id pairs with B's target_id
-    notes = stats.derive_notes(res)
+    notes = derive_notes(res)
     text = " ".join(n.text for n in notes if n.kind == "transplant_all")
     assert "same computation as continuing the source prompt" in text
     assert "source-natural" in text
@@ -342,8 +346,8 @@ def test_control_that_moves_as_much_as_the_patch_is_reported(tmp_path):
     sw = make_sweep(tmp_path, "controls", models=(MODEL,), n_prompts=16,
                     controls=("shuffle", "random"),
                     effects=Effects(controls={"shuffle": 1.0, "random": 0.0}), seed=2)
-    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
-    notes = [n for n in stats.derive_notes(res) if n.kind == "control_as_large"]
+    res = run_stats(sw.path, n_resamples=N_BOOT)
+    notes = [n for n in derive_notes(res) if n.kind == "control_as_large"]
     text = " ".join(n.text for n in notes)
     assert "'shuffle' control moved the metric as much as the patch" in text
     assert "'random'" not in text
@@ -351,77 +355,120 @@ def test_control_that_moves_as_much_as_the_patch_is_reported(tmp_path):
 
 def test_self_control_check(tmp_path):
     sw = make_sweep(tmp_path, "selfcheck", models=(MODEL,), n_prompts=12, controls=("self",))
-    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
-    notes = {n.kind: n.text for n in stats.derive_notes(res)}
+    res = run_stats(sw.path, n_resamples=N_BOOT)
+    notes = {n.kind: n.text for n in derive_notes(res)}
     assert "indistinguishable from natural" in notes["self_check"]
     bad = make_sweep(tmp_path, "selfbad", models=(MODEL,), n_prompts=12, controls=("self",),
                      effects=Effects(controls={"self": 1.0}))
-    res = stats.run_stats(bad.path, n_resamples=N_BOOT)
-    notes = {n.kind: n.text for n in stats.derive_notes(res)}
+    res = run_stats(bad.path, n_resamples=N_BOOT)
+    notes = {n.kind: n.text for n in derive_notes(res)}
     assert "suspect the intervention code" in notes["self_check"]
 
 
 def test_partial_sweep_is_analysed_and_says_what_is_missing(tmp_path):
     sw = make_sweep(tmp_path, "partial", models=(MODEL,), n_prompts=12, keep_fraction=0.6,
                     seed=4)
-    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+    res = run_stats(sw.path, n_resamples=N_BOOT)
     comp = res.completeness
     assert comp.partial
     assert comp.n_expected == sw.n_total
     assert comp.n_done == len(sw.written)
     assert comp.n_missing == sw.n_total - len(sw.written)
     assert not res.comparisons.empty and not res.transfer.empty
-    text = " ".join(n.text for n in stats.derive_notes(res))
+    text = " ".join(n.text for n in derive_notes(res))
     assert f"Partial sweep: {comp.n_done} of {sw.n_total} cells done" in text
     assert f"{comp.n_missing} missing" in text
 
 
-def test_planned_cells_from_the_store_manifest(tmp_path):
-    sw = make_sweep(tmp_path, "planned", models=(MODEL,), n_prompts=12, keep_fraction=0.8,
-                    write_total=False)
-    manifest = json.loads((sw.path / "manifest.json").read_text())
-    manifest["planned_cells"] = {MODEL: len(sw.cells)}
-    (sw.path / "manifest.json").write_text(json.dumps(manifest))
-    comp = stats.run_stats(sw.path, n_resamples=N_BOOT).completeness
+def test_planned_cells_come_from_the_plan(tmp_path):
+    sw = make_sweep(tmp_path, "planned", models=(MODEL,), n_prompts=12, keep_fraction=0.8)
+    comp = run_stats(sw.path, n_resamples=N_BOOT).completeness
     assert comp.n_expected == len(sw.cells)
+    assert comp.by_model[0]["planned"] == len(sw.cells)
     assert comp.by_model[0]["missing"] == len(sw.cells) - len(sw.written)
 
 
-def test_missing_total_and_missing_conditions_are_stated(tmp_path):
-    sw = make_sweep(tmp_path, "nod", models=(MODEL,), n_prompts=12, write_total=False)
-    cells_dir = sw.path / "cells"
-    table = pd.concat([pd.read_parquet(p) for p in sorted(cells_dir.glob("*.parquet"))])
-    for p in cells_dir.glob("*.parquet"):
-        p.unlink()
-    keep = ~((table["control"] == "patch") & (table["target_group"] == "recursive"))
-    table[keep].to_parquet(cells_dir / "part-0001.parquet", index=False)
-    res = stats.run_stats(sw.path, n_resamples=N_BOOT)
+def test_legacy_manifest_planned_cells_without_a_plan(tmp_path):
+    sw = make_sweep(tmp_path, "legacy", models=(MODEL,), n_prompts=12, keep_fraction=0.8,
+                    write_plan=False)
+    ResultStore(sw.path).update_manifest(planned_cells={MODEL: len(sw.cells)})
+    comp = run_stats(sw.path, n_resamples=N_BOOT).completeness
+    assert comp.n_expected == len(sw.cells)
+    assert comp.n_missing == len(sw.cells) - len(sw.written)
+
+
+def test_missing_plan_and_missing_conditions_are_stated(tmp_path):
+    def recursive_patch(row: dict) -> bool:
+        return row["control"] == "patch" and row["target_group"] == "recursive"
+
+    sw = make_sweep(tmp_path, "nod", models=(MODEL,), n_prompts=12, write_plan=False,
+                    skip=recursive_patch)
+    res = run_stats(sw.path, n_resamples=N_BOOT)
+    assert res.completeness.n_expected is None and res.completeness.n_missing is None
     assert res.completeness.missing_conditions == {MODEL: ["D"]}
     assert "necessity" not in set(res.comparisons["comparison"])
-    text = " ".join(n.text for n in stats.derive_notes(res))
+    text = " ".join(n.text for n in derive_notes(res))
     assert "no ok cell for condition(s) D" in text
     assert "completeness cannot be checked" in text
     assert res.transfer["necessity_fraction"].isna().all()
 
 
-def test_empty_results_folder(tmp_path):
-    (tmp_path / "empty" / "cells").mkdir(parents=True)
-    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"n_cells_total": 10}))
-    res = stats.run_stats(tmp_path / "empty")
+def test_empty_sweep(tmp_path):
+    ids = tuple(f"cell{i}" for i in range(10))
+    ResultStore(tmp_path / "empty").prepare(
+        {"name": "empty"}, plan=Plan(ids, ids, (MODEL,) * len(ids)))
+    res = run_stats(tmp_path / "empty")
     assert res.conditions.empty and res.comparisons.empty
     assert res.completeness.n_missing == 10
-    assert "no cells yet" in stats.derive_notes(res)[0].text
-    written = stats.write_tables(res)
+    assert "no cells yet" in derive_notes(res)[0].text
+    written = write_tables(res)
     assert all(p.exists() for p in written)
+
+
+def test_stale_rows_are_excluded_and_reported(sweep, result):
+    notes = [n for n in derive_notes(result) if n.kind == "stale"]
+    assert len(notes) == 1 and notes[0].level == "warning"
+    assert "3 stale rows from an earlier plan were excluded" in notes[0].text
+    assert not result.results.cells["cell_id"].str.startswith("stale").any()
+
+
+def test_retried_cells_count_once_and_as_recovered(tmp_path):
+    sw = make_sweep(tmp_path, "retried", models=(MODEL,), n_prompts=6, fail_every=5)
+    failed = set(sw.written.loc[sw.written["status"] == "failed", "cell_id"])
+    retried = [r for r in sw.rows if r["cell_id"] in failed]
+    ResultStore(sw.path).write_cells([{**r, "attempt": 2} for r in retried])
+    res = run_stats(sw.path, n_resamples=N_BOOT)
+    comp = res.completeness
+    assert comp.n_failed == 0 and comp.n_ok == comp.n_done == len(sw.cells)
+    assert comp.n_recovered == len(retried) == comp.n_duplicate_rows
+    assert len(res.results.failures) == len(retried)  # the failure history stays readable
+    text = " ".join(n.text for n in derive_notes(res))
+    assert f"{len(retried)} cells failed once and succeeded on a retry" in text
+
+
+def test_a_local_path_and_a_file_uri_give_identical_tables(tmp_path):
+    """The same sweep written through the store to a path and to a file:// URI."""
+    local = make_sweep(tmp_path / "local", "same", models=(MODEL,), n_prompts=8,
+                       alphas=(0.5, 1.0), fail_every=9, seed=1)
+    remote = make_sweep(f"file://{tmp_path}/uri", "same", models=(MODEL,), n_prompts=8,
+                        alphas=(0.5, 1.0), fail_every=9, seed=1)
+    one = write_tables(run_stats(local.path, n_resamples=N_BOOT))
+    two = write_tables(run_stats(remote.path, n_resamples=N_BOOT))
+    assert two[0].parent == tmp_path / "uri" / "same" / "stats"  # file:// is local
+    parquet = [p.name for p in one if p.suffix == ".parquet"]
+    assert parquet and parquet == [p.name for p in two if p.suffix == ".parquet"]
+    for name in parquet:
+        pd.testing.assert_frame_equal(pd.read_parquet(one[0].parent / name),
+                                      pd.read_parquet(two[0].parent / name))
 
 
 def test_unknown_metric_names_the_alternatives(sweep):
     with pytest.raises(ValueError, match="Available"):
-        stats.run_stats(sweep.path, metrics=["rvv"])
+        run_stats(sweep.path, metrics=["rvv"])
 
 
 def test_tables_are_written_as_parquet(sweep, result, tmp_path):
-    written = stats.write_tables(result, tmp_path / "stats")
+    written = write_tables(result, tmp_path / "stats")
     names = {p.name for p in written}
     assert {"conditions.parquet", "comparisons.parquet", "transfer.parquet",
             "dose_response.parquet", "correlations.parquet", "models_side_by_side.parquet",
@@ -441,58 +488,27 @@ def test_natural_cells_normalise_whatever_the_writer_put_there():
         "source_group": ["recursive", None], "target_group": ["baseline", "baseline"],
         "status": ["ok", "ok"], "rv": [0.9, 0.95],
     })
-    norm = stats.normalise_cells(frame)
+    norm = normalise_cells(frame)
     assert norm["condition"].nunique() == 1
     assert set(norm["letter"]) == {"A"}
     assert norm["alpha"].isna().all()
 
 
-def test_reads_what_the_result_store_writes(tmp_path):
-    """Shards written by store.ResultStore (timestamps, failures parquet) read back whole."""
-    store_mod = pytest.importorskip("rloop_ray.store")
-    import datetime as dt
-
-    sw = make_sweep(tmp_path, "src", models=(MODEL,), n_prompts=6, fail_every=7)
-    store = store_mod.ResultStore(tmp_path / "real")
-    store.prepare({"name": "real"})
-    store.start_run(planned={MODEL: len(sw.cells) + 2})
-    rows = []
-    for record in sw.written.to_dict("records"):
-        row = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-               for k, v in record.items()}
-        for key in ("source_level", "target_level"):
-            row[key] = None if row[key] is None else int(row[key])
-        row["finished_at"] = dt.datetime.now(dt.timezone.utc)
-        rows.append(row)
-    store.write_cells(rows[:40])
-    store.write_cells(rows[40:])
-    store.write_failures([r for r in rows if r["status"] == "failed"])
-    store.write_failures([{"cell_id": "lost", "model": MODEL, "error_type": "WorkerDied",
-                           "error": "actor died", "attempt": 1}])
-    res = stats.run_stats(tmp_path / "real", n_resamples=N_BOOT)
-    comp = res.completeness
-    assert comp.n_done == len(rows) + 1
-    assert comp.n_failed == int((sw.written["status"] == "failed").sum()) + 1
-    assert comp.n_failed_unattributed == 1
-    assert comp.n_expected == len(sw.cells) + 2 and comp.n_missing == 1
-    assert {"sufficiency", "necessity", "group_effect"} <= set(res.comparisons["comparison"])
-
-
 def test_small_n_spearman_uses_an_exact_permutation_p():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     y = np.array([1.0, 2.0, 3.0, 5.0, 4.0])
-    rho, p, note = stats._spearman(x, y)
+    rho, p, note = spearman(x, y)
     assert rho == pytest.approx(ss.spearmanr(x, y).statistic)
     assert p == pytest.approx(10 / 120)  # 5 of 120 orderings reach |rho| >= 0.9 each side
     assert "permutation" in note
-    rho3, p3, _ = stats._spearman(x[:3], y[:3])
+    rho3, p3, _ = spearman(x[:3], y[:3])
     assert rho3 == pytest.approx(1.0) and p3 == pytest.approx(1 / 3)  # not the t-approx 0
     big = np.arange(30.0)
-    _, p_big, note_big = stats._spearman(big, big ** 2 % 7)
+    _, p_big, note_big = spearman(big, big ** 2 % 7)
     assert p_big == pytest.approx(ss.spearmanr(big, big ** 2 % 7).pvalue) and note_big == ""
 
 
 def test_alpha_zero_check(result):
-    notes = {n.kind: n for n in stats.derive_notes(result)}
+    notes = {n.kind: n for n in derive_notes(result)}
     assert "indistinguishable from natural" in notes["alpha_zero"].text
     assert notes["alpha_zero"].level == "info"

@@ -1,14 +1,17 @@
 """CLI commands: `stats` (tables, figures, report) and `rate export|import` (blind rating).
 
 Heavy imports (pandas, scipy, matplotlib) happen inside the commands so `--help` stays
-instant. Exit codes: 0 done, 1 the analysis failed, 2 bad arguments or a malformed
-ratings file (the message names the line).
+instant. A sweep is given as a folder or a URI (`file://`, `s3://`, ...) and read through
+the store, which refuses what is not a sweep and names a damaged file. Exit codes: 0 done,
+1 the analysis failed, 2 bad arguments: not a sweep, a damaged file, outputs with nowhere
+to go, an unknown metric, or a malformed ratings file (the message names the line).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -20,21 +23,35 @@ rate_app = typer.Typer(
 )
 app.add_typer(rate_app, name="rate")
 
-ResultsDir = Annotated[
-    Path,
-    typer.Argument(help="A results folder, e.g. results/kv_layer_localization.",
-                   show_default=False),
+SweepSource = Annotated[
+    str,
+    typer.Argument(help="A sweep folder or URI, e.g. results/kv_layer_localization or "
+                        "s3://bucket/results/kv_layer_localization.", show_default=False),
 ]
 
+T = TypeVar("T")
 
-def _check_results_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise typer.BadParameter(f"results folder not found: {path}", param_hint="RESULTS_DIR")
+
+def _refusing_bad_input(action: Callable[[], T]) -> T:
+    """Run `action`; a sweep the store refuses, or a bad argument, exits 2 with its reason."""
+    from rloop_ray.store import StoreError
+
+    try:
+        return action()
+    except (StoreError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command("stats")
 def stats_command(
-    results_dir: ResultsDir,
+    source: SweepSource,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write stats/, figures/ and the report here. Default: the "
+                                   "sweep folder; required when the sweep is not on local "
+                                   "disk (s3://, gs://, memory://)."),
+    ] = None,
     metric: Annotated[
         list[str] | None,
         typer.Option("--metric", "-m",
@@ -56,57 +73,47 @@ def stats_command(
 
         rloop-ray stats results/kv_layer_localization
     """
-    _check_results_dir(results_dir)
-    from rloop_ray.report import write_report
+    from rloop_ray.analysis.report import write_report
 
-    try:
-        out = write_report(results_dir, metrics=metric or None, seed=seed,
-                           n_resamples=n_resamples, confidence=confidence, q=q,
-                           figures=figures)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    comp = out.stats.completeness
+    result = _refusing_bad_input(lambda: write_report(
+        source, out_dir=out, metrics=metric or None, seed=seed, n_resamples=n_resamples,
+        confidence=confidence, q=q, figures=figures))
+    comp = result.stats.completeness
     expected = "?" if comp.n_expected is None else str(comp.n_expected)
     typer.echo(f"{comp.n_done}/{expected} cells ({comp.n_ok} ok, {comp.n_failed} failed)")
     if comp.partial:
         typer.echo(f"partial sweep: {comp.n_missing} cells missing")
-    cmp = out.stats.comparisons
+    cmp = result.stats.comparisons
     n_sig = int((cmp["p_fdr"] < q).sum()) if not cmp.empty else 0
     typer.echo(f"{len(cmp)} comparisons, {n_sig} with p_fdr < {q} "
-               f"(BH family of {out.stats.fdr_family_size} tests)")
-    for note in out.notes:
+               f"(BH family of {result.stats.fdr_family_size} tests)")
+    for note in result.notes:
         if note.level == "warning":
             typer.echo(f"warning: {note.text[:300]}{'...' if len(note.text) > 300 else ''}")
-    drawn = [f for f in out.figures if f.path is not None]
-    typer.echo(f"tables: {out.tables[0].parent}/ ({len(out.tables)} files)")
-    typer.echo(f"figures: {len(drawn)} drawn, {len(out.figures) - len(drawn)} skipped")
-    typer.echo(f"report: {out.markdown}")
-    typer.echo(f"report: {out.html}")
+    drawn = [f for f in result.figures if f.path is not None]
+    typer.echo(f"tables: {result.tables[0].parent}/ ({len(result.tables)} files)")
+    typer.echo(f"figures: {len(drawn)} drawn, {len(result.figures) - len(drawn)} skipped")
+    typer.echo(f"report: {result.markdown}")
+    typer.echo(f"report: {result.html}")
 
 
 @rate_app.command("export")
 def rate_export(
-    results_dir: ResultsDir,
+    source: SweepSource,
     n: Annotated[int, typer.Option("--n", min=1, help="Texts to sample.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the sample, order and ids.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Where to write the sheet (CSV). Default: "
-                                                  "RESULTS_DIR/rating/sheet_seed<seed>.csv")
+                                                  "SWEEP/rating/sheet_seed<seed>.csv")
                    ] = None,
 ) -> None:
     """Write a blind rating sheet (anon_id, text, rating) and a private key file.
 
     Fill the `rating` column (a number per text; leave blank to skip), then run
-    `rloop-ray rate import RESULTS_DIR SHEET.csv`.
+    `rloop-ray rate import SWEEP SHEET.csv`. The sweep must be a local folder.
     """
-    _check_results_dir(results_dir)
-    from rloop_ray.rating import export_for_rating
+    from rloop_ray.analysis.rating import export_for_rating
 
-    try:
-        exp = export_for_rating(results_dir, n=n, seed=seed, out=out)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    exp = _refusing_bad_input(lambda: export_for_rating(source, n=n, seed=seed, out=out))
     if exp.n < n:
         typer.echo(f"only {exp.n_available} texts available; exported all of them")
     typer.echo(f"sheet ({exp.n} texts): {exp.sheet}")
@@ -115,20 +122,20 @@ def rate_export(
 
 @rate_app.command("import")
 def rate_import(
-    results_dir: ResultsDir,
+    source: SweepSource,
     ratings: Annotated[Path, typer.Argument(help="The filled sheet (CSV).",
                                             show_default=False)],
 ) -> None:
     """Join human ratings back as the metric `score_human` (used by `rloop-ray stats`)."""
-    _check_results_dir(results_dir)
-    from rloop_ray.rating import RatingFileError, import_ratings
+    from rloop_ray.analysis.rating import RatingFileError, import_ratings
+    from rloop_ray.store import StoreError
 
     try:
-        res = import_ratings(results_dir, ratings)
-    except RatingFileError as exc:
+        res = import_ratings(source, ratings)
+    except RatingFileError as exc:  # before ValueError, which it is too
         typer.echo(f"error: malformed ratings file:\n{exc}", err=True)
         raise typer.Exit(2) from exc
-    except ValueError as exc:
+    except (StoreError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"{res.n_rated} ratings imported ({res.n_blank} left blank) from {res.source}")

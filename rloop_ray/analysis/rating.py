@@ -6,7 +6,7 @@ not know which condition produced a text, so the export writes a sheet with only
 anonymous id, the text and an empty `rating` column, in a seeded random order, and keeps
 the id -> cell mapping in a separate key file under `results/<name>/rating/`. The import
 checks the filled sheet strictly (every problem names its line) and turns the ratings
-into the scorer column `score_human`, which `stats.load_results` joins like any metric.
+into the scorer column `score_human`, which `load_results` joins like any metric.
 
 Files under `results/<name>/rating/`:
     sheet_seed<seed>.csv        the sheet for raters (may be written elsewhere with --out)
@@ -23,13 +23,15 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rloop_ray.stats import HUMAN_SCORES_FILE, load_results
+from rloop_ray.analysis.load import HUMAN_SCORES_FILE, NotLocalError, ResultSet, load_results
+from rloop_ray.vocab import STATUS_OK
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,20 @@ def _atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
     tmp.replace(path)
 
 
+def _local_sweep(source: str | os.PathLike[str]) -> tuple[ResultSet, Path]:
+    """The sweep read through the store, and its folder: keys and ratings live beside it."""
+    results = load_results(source)
+    if results.local_dir is None:
+        raise NotLocalError(
+            f"{source} is not a local folder: rating keys and scores are written into the "
+            f"sweep folder, so copy the sweep to local disk first"
+        )
+    return results, results.local_dir
+
+
 def export_for_rating(
-    results_dir: str | Path, *, n: int = 200, seed: int = 0, out: str | Path | None = None
+    source: str | os.PathLike[str], *, n: int = 200, seed: int = 0,
+    out: str | os.PathLike[str] | None = None,
 ) -> RatingExport:
     """Write a blind rating sheet of `n` seeded-random generated texts and its private key.
 
@@ -100,16 +114,16 @@ def export_for_rating(
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    results = load_results(results_dir)
+    results, base = _local_sweep(source)
     cells = results.cells
     if cells.empty or "generated_text" not in cells:
-        raise ValueError(f"{results.path} has no generated texts to rate")
+        raise ValueError(f"{results.source} has no generated texts to rate")
     text = cells["generated_text"]
-    eligible = cells[(cells["status"] == "ok") & text.notna()
+    eligible = cells[(cells["status"] == STATUS_OK) & text.notna()
                      & (text.astype(str).str.strip() != "")]
     eligible = eligible.sort_values("cell_id").reset_index(drop=True)
     if eligible.empty:
-        raise ValueError(f"{results.path} has no ok cell with a generated text")
+        raise ValueError(f"{results.source} has no ok cell with a generated text")
     k = min(n, len(eligible))
     if k < n:
         logger.warning("only %d texts available, exporting all of them (asked for %d)", k, n)
@@ -122,7 +136,7 @@ def export_for_rating(
     if len(set(anon)) != len(anon):  # 40-bit ids: a clash is astronomically unlikely
         raise RuntimeError("anonymous id collision; export again with another --seed")
 
-    folder = results.path / RATING_DIR
+    folder = base / RATING_DIR
     sheet = Path(out) if out else folder / f"sheet_seed{seed}.csv"
     key_path = folder / f"key_seed{seed}.json"
     sheet.parent.mkdir(parents=True, exist_ok=True)
@@ -146,9 +160,9 @@ def export_for_rating(
     return RatingExport(sheet=sheet, key=key_path, n=k, n_available=len(eligible), seed=seed)
 
 
-def load_keys(results_dir: str | Path) -> dict[str, str]:
+def load_keys(sweep_dir: str | os.PathLike[str]) -> dict[str, str]:
     """Every anon_id -> cell_id mapping written by `export_for_rating` for this sweep."""
-    folder = Path(results_dir) / RATING_DIR
+    folder = Path(sweep_dir) / RATING_DIR
     mapping: dict[str, str] = {}
     for path in sorted(folder.glob("key_*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -245,16 +259,16 @@ def read_ratings(path: str | Path, key: dict[str, str]) -> tuple[pd.DataFrame, i
     return frame, blank
 
 
-def import_ratings(results_dir: str | Path, ratings_csv: str | Path) -> RatingImport:
+def import_ratings(
+    source: str | os.PathLike[str], ratings_csv: str | os.PathLike[str]
+) -> RatingImport:
     """Check a filled sheet, store it, and rebuild `score_human` from all imports.
 
     Ratings of one sheet are stored under `rating/imports/<sheet stem>.parquet`, so
     importing a corrected version of the same sheet replaces it instead of counting twice.
     `score_human` is the mean rating per cell over every stored import.
     """
-    base = Path(results_dir)
-    if not base.is_dir():
-        raise FileNotFoundError(f"results folder not found: {base}")
+    _, base = _local_sweep(source)
     key = load_keys(base)
     if not key:
         raise RatingFileError(ratings_csv, [(None, f"no key file under {base / RATING_DIR}: "

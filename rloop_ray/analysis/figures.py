@@ -1,6 +1,6 @@
 """Figures of a sweep's statistics: PNG files the report embeds.
 
-Each figure is drawn from the tables `stats.py` computed (or the cells they came from), so
+Each figure is drawn from the tables `compute_stats` computed (or the cells they came from), so
 a figure never shows a number the tables do not hold. A figure whose data the sweep does
 not have (a single alpha, no trajectories, no behaviour score) is skipped with a reason,
 and the report says so instead of showing an empty plot.
@@ -25,19 +25,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats as sstats
 
-from rloop_ray.stats import (
+from rloop_ray.analysis.estimators import t_interval
+from rloop_ray.analysis.labels import HUMAN_SCORE, SCORE_PREFIX
+from rloop_ray.analysis.tables import StatsResult
+from rloop_ray.vocab import (
+    BASELINE_GROUP,
+    LONG_CONTROL_GROUP,
     NATURAL,
-    RECURSIVE,
-    SCORE_PREFIX,
-    StatsResult,
-    spec_sort_key,
-    t_interval,
+    RECURSIVE_GROUP,
+    STATUS_OK,
 )
 
 logger = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
-PRIMARY_SCORES = ("score_human", "score_logprob_contrast", "score_self_ref", "score_keywords")
+PRIMARY_SCORES = (HUMAN_SCORE, "score_logprob_contrast", "score_self_ref", "score_keywords")
 """Behaviour scores in order of preference for the one-score figures (least noisy first,
 after a human rating when there is one)."""
 DPI = 100
@@ -52,6 +54,17 @@ class FigureInfo:
     caption: str
     path: Path | None = None
     skipped: str | None = None
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def spec_sort_key(spec: str) -> tuple[float, float, str]:
+    """Order layer/token specs by their numbers ('8:16' before '16:32'), then by text."""
+    nums = [float(x) for x in _NUMBER.findall(str(spec))]
+    first = nums[0] if nums else math.inf
+    second = nums[1] if len(nums) > 1 else first
+    return (first, second, str(spec))
 
 
 def _slug(text: str) -> str:
@@ -89,7 +102,7 @@ def _ok_cells(result: StatsResult) -> pd.DataFrame:
     cells = result.results.cells
     if cells.empty:
         return cells
-    return cells[cells["attributed"] & (cells["status"] == "ok")]
+    return cells[cells["status"] == STATUS_OK]
 
 
 # --- transfer heatmap ---------------------------------------------------------------------
@@ -230,14 +243,14 @@ def rv_distributions(result: StatsResult, out_dir: Path) -> FigureInfo:
         return FigureInfo(name, title, "", skipped="no natural cell has an R_V value")
 
     def label(row: pd.Series) -> str:
-        if row["target_group"] == RECURSIVE and np.isfinite(row["target_level"]):
-            return f"recursive L{int(row['target_level'])}"
+        if row["target_group"] == RECURSIVE_GROUP and np.isfinite(row["target_level"]):
+            return f"{RECURSIVE_GROUP} L{int(row['target_level'])}"
         return str(row["target_group"])
 
     natural["group"] = natural.apply(label, axis=1)
     order = sorted(natural["group"].unique(),
-                   key=lambda g: (0 if g.startswith("baseline") else
-                                  1 if g.startswith("long") else 2, g))
+                   key=lambda g: (0 if g == BASELINE_GROUP else
+                                  1 if g == LONG_CONTROL_GROUP else 2, g))
     models = sorted(natural["model"].unique())
     fig, axes = _new_figure(1, len(models), cell=(max(4.0, 0.9 * len(order) + 1.5), 3.8))
     rng = np.random.default_rng(0)
@@ -399,7 +412,8 @@ def make_figures(
     `metrics` picks the metrics of the per-metric figures (heatmaps, alpha curves);
     default: R_V and the preferred behaviour score.
     """
-    folder = Path(out_dir) if out_dir else result.results.path / FIGURES_DIR
+    folder = (Path(out_dir) if out_dir is not None
+              else result.results.out_dir(purpose="figures") / FIGURES_DIR)
     if result.results.cells.empty:
         return [FigureInfo("all", "Figures", "", skipped="the results folder holds no cells")]
     chosen = list(metrics) if metrics else figure_metrics(result)

@@ -1,22 +1,20 @@
 """The sweep report: `report.md` and a self-contained `report.html` from the statistics.
 
 `rloop-ray stats` ends here. The report states what was run (grid, n, models, versions),
-what failed or is missing, the findings the analysis derived in plain language (see
-`stats.derive_notes`), the tables with FDR-adjusted significance, and the figures. Both
-files are rendered from one list of blocks, so the Markdown and the HTML never disagree;
-the HTML embeds its images (base64) so it can be mailed or archived as one file.
+what failed, is missing or was excluded, the findings the analysis derived in plain
+language (`derive_notes`), the tables with FDR-adjusted significance, and the figures.
+It is laid out once as a `Document` and rendered to both files (analysis/document.py).
+Outputs go into the sweep folder when it is local, else into the folder the caller names.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import json
 import logging
-import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,215 +22,23 @@ import numpy as np
 import pandas as pd
 
 from rloop_ray import __version__
-from rloop_ray.figures import FIGURES_DIR, FigureInfo, make_figures
-from rloop_ray.stats import (
-    NATURAL,
-    STATS_DIR,
-    Note,
-    StatsResult,
-    derive_notes,
-    primary_metrics,
-    run_stats,
-    write_tables,
+from rloop_ray.analysis.comparisons import (
+    CLASSIC_COMPARISONS,
+    CONTROL_PREFIX,
+    CONTROL_VS_PATCH_PREFIX,
 )
+from rloop_ray.analysis.document import MAX_ROWS, Document
+from rloop_ray.analysis.figures import FIGURES_DIR, FigureInfo, make_figures
+from rloop_ray.analysis.labels import primary_metrics
+from rloop_ray.analysis.load import load_results
+from rloop_ray.analysis.notes import Note, derive_notes
+from rloop_ray.analysis.tables import STATS_DIR, StatsResult, compute_stats, write_tables
+from rloop_ray.vocab import NATURAL, NONE_LABEL
 
 logger = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-MAX_ROWS = 60
-"""Rows shown per table; the full tables are the Parquet files under stats/."""
-
-
-# --- a tiny document model, rendered twice ------------------------------------------------
-
-
-@dataclass
-class Block:
-    kind: str  # heading | para | bullets | table | figure | code
-    text: str = ""
-    level: int = 2
-    items: list[tuple[str, str]] = field(default_factory=list)  # (level, text) for bullets
-    table: pd.DataFrame | None = None
-    more: int = 0
-    source: str = ""
-    figure: FigureInfo | None = None
-
-
-class Document:
-    """Blocks in order; `markdown()` and `html()` render the same content."""
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-        self.blocks: list[Block] = []
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(Block("heading", text=text, level=level))
-
-    def para(self, text: str) -> None:
-        self.blocks.append(Block("para", text=text))
-
-    def bullets(self, items: Sequence[str | tuple[str, str]]) -> None:
-        pairs = [(i if isinstance(i, tuple) else ("info", i)) for i in items]
-        pairs = [(level, " ".join(text.split())) for level, text in pairs]  # one line each
-        self.blocks.append(Block("bullets", items=list(pairs)))
-
-    def table(self, frame: pd.DataFrame, source: str = "", max_rows: int = MAX_ROWS) -> None:
-        shown = frame.head(max_rows)
-        self.blocks.append(Block("table", table=shown, more=len(frame) - len(shown),
-                                 source=source))
-
-    def figure(self, info: FigureInfo) -> None:
-        self.blocks.append(Block("figure", figure=info))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(Block("code", text=text))
-
-    # -- Markdown ---------------------------------------------------------------------------
-
-    def markdown(self, base: Path) -> str:
-        out = [f"# {self.title}", ""]
-        for b in self.blocks:
-            if b.kind == "heading":
-                out += ["#" * b.level + " " + b.text, ""]
-            elif b.kind == "para":
-                out += [b.text, ""]
-            elif b.kind == "bullets":
-                out += [f"- {'**Warning:** ' if lvl == 'warning' else ''}{t}" for lvl, t in b.items]
-                out.append("")
-            elif b.kind == "table" and b.table is not None:
-                out += _md_table(b.table)
-                if b.more:
-                    out.append(f"\n*{b.more} more rows in `{b.source}`.*")
-                out.append("")
-            elif b.kind == "figure" and b.figure is not None:
-                f = b.figure
-                if f.path is not None:
-                    rel = Path(f.path).resolve().relative_to(base.resolve()) if _inside(
-                        f.path, base) else Path(f.path)
-                    out += [f"**{f.title}**", "", f"![{f.title}]({rel.as_posix()})", "",
-                            f.caption, ""]
-                else:
-                    out += [f"**{f.title}**: skipped: {f.skipped}", ""]
-            elif b.kind == "code":
-                out += ["```", b.text, "```", ""]
-        return "\n".join(out).rstrip() + "\n"
-
-    # -- HTML -------------------------------------------------------------------------------
-
-    def html(self) -> str:
-        parts = [
-            "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-            f"<title>{html.escape(self.title)}</title>", f"<style>{_CSS}</style>",
-            "</head><body>", f"<h1>{html.escape(self.title)}</h1>",
-        ]
-        for b in self.blocks:
-            if b.kind == "heading":
-                lvl = min(max(b.level, 2), 6)
-                parts.append(f"<h{lvl}>{html.escape(b.text)}</h{lvl}>")
-            elif b.kind == "para":
-                parts.append(f"<p>{_inline(b.text)}</p>")
-            elif b.kind == "bullets":
-                items = "".join(
-                    f"<li class=\"{lvl}\">{'<b>Warning:</b> ' if lvl == 'warning' else ''}"
-                    f"{_inline(t)}</li>" for lvl, t in b.items
-                )
-                parts.append(f"<ul>{items}</ul>")
-            elif b.kind == "table" and b.table is not None:
-                parts.append(_html_table(b.table))
-                if b.more:
-                    parts.append(f"<p class=\"more\">{b.more} more rows in "
-                                 f"<code>{html.escape(b.source)}</code>.</p>")
-            elif b.kind == "figure" and b.figure is not None:
-                f = b.figure
-                if f.path is not None and Path(f.path).is_file():
-                    data = base64.b64encode(Path(f.path).read_bytes()).decode("ascii")
-                    parts.append(
-                        f"<figure><img alt=\"{html.escape(f.title)}\" "
-                        f"src=\"data:image/png;base64,{data}\"><figcaption><b>"
-                        f"{html.escape(f.title)}</b>. {html.escape(f.caption)}</figcaption>"
-                        f"</figure>"
-                    )
-                else:
-                    parts.append(f"<p class=\"skipped\"><b>{html.escape(f.title)}</b>: skipped: "
-                                 f"{html.escape(f.skipped or 'file missing')}</p>")
-            elif b.kind == "code":
-                parts.append(f"<details><summary>show</summary><pre>{html.escape(b.text)}</pre>"
-                             f"</details>")
-        parts.append("</body></html>")
-        return "\n".join(parts) + "\n"
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-    "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
-    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-    "th{background:#f3f3f3}td.t{text-align:left}li.warning{color:#8a4b00}"
-    "img{max-width:100%}figure{margin:1em 0}.skipped,.more{color:#666;font-style:italic}"
-    "pre{background:#f6f6f6;padding:0.5em;overflow-x:auto}"
-)
-
-
-def _inside(path: Path, base: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(base.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _inline(text: str) -> str:
-    """Escape, then render `code` spans (the only inline markup the report uses)."""
-    escaped = html.escape(text)
-    pieces = escaped.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return ""
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.3g}" if abs(v) < 1 else f"{v:.4g}"
-    return str(value)
-
-
-def _md_table(frame: pd.DataFrame) -> list[str]:
-    if frame.empty:
-        return ["*(no rows)*"]
-    cols = [str(c) for c in frame.columns]
-
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(esc(c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(esc(_cell(v)) for v in row) + " |")
-    return lines
-
-
-def _html_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "<p class=\"more\">(no rows)</p>"
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = []
-    for row in frame.itertuples(index=False):
-        cells = []
-        for v in row:
-            text = _cell(v)
-            cls = " class=\"t\"" if isinstance(v, str) else ""
-            cells.append(f"<td{cls}>{html.escape(text)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 # --- table views for the report -------------------------------------------------------------
@@ -310,24 +116,24 @@ def _sort_comparisons(cmp: pd.DataFrame) -> pd.DataFrame:
 
 
 def _grid_summary(result: StatsResult) -> list[str]:
+    """What the grid holds, as the cells show it (the recorded spec follows in full)."""
     cells = result.results.cells
-    located = cells[cells["attributed"]] if not cells.empty else cells
-    if located.empty:
+    if cells.empty:
         return ["no cells yet"]
-    patched = located[~located["is_natural"]]
+    patched = cells[~cells["is_natural"]]
 
     def values(col: str, frame: pd.DataFrame = patched) -> str:
         vals = frame[col].dropna().unique()
         if col == "alpha":
-            return ", ".join(f"{v:g}" for v in sorted(vals)) or "-"
-        return ", ".join(sorted(str(v) for v in vals)) or "-"
+            return ", ".join(f"{v:g}" for v in sorted(vals)) or NONE_LABEL
+        return ", ".join(sorted(str(v) for v in vals)) or NONE_LABEL
 
-    counts = located.groupby("model")["cell_id"].nunique()
-    prompts = located["target_id"].nunique()
+    counts = cells.groupby("model")["cell_id"].nunique()
+    prompts = cells["target_id"].nunique()
     lines = [
         "models: " + ", ".join(f"{m} ({n} cells)" for m, n in counts.items()),
-        f"target groups: {values('target_group', located)} ({prompts} distinct target prompts)",
-        f"controls: {values('control', located)}",
+        f"target groups: {values('target_group', cells)} ({prompts} distinct target prompts)",
+        f"controls: {values('control', cells)}",
     ]
     if not patched.empty:
         lines += [
@@ -372,9 +178,9 @@ def build_document(
     comp = result.completeness
     q = result.q
     shown = report_metrics(result, metrics)
-    doc = Document(f"rloop-ray report: {rs.manifest.get('name') or rs.path.name}")
+    doc = Document(f"rloop-ray report: {rs.name}")
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc.para(f"Generated {now} by rloop-ray {__version__} from `{rs.path}`. Full tables: "
+    doc.para(f"Generated {now} by rloop-ray {__version__} from `{rs.source}`. Full tables: "
              f"`{STATS_DIR}/*.parquet`; methods: `docs/statistics.md`.")
 
     doc.heading("What was run")
@@ -384,12 +190,12 @@ def build_document(
         doc.code(json.dumps(rs.manifest["spec"], indent=2, sort_keys=True, default=str))
 
     doc.heading("Completeness and failures")
-    expected = "unknown (not in the manifest)" if comp.n_expected is None else comp.n_expected
+    expected = "unknown (no plan recorded)" if comp.n_expected is None else comp.n_expected
     doc.bullets([
         f"cells planned: {expected}; done: {comp.n_done} (ok {comp.n_ok}, failed "
         f"{comp.n_failed}); missing: {'unknown' if comp.n_missing is None else comp.n_missing}",
         f"duplicate rows collapsed: {comp.n_duplicate_rows}; failed then recovered on retry: "
-        f"{comp.n_recovered}; failures without grid coordinates: {comp.n_failed_unattributed}",
+        f"{comp.n_recovered}; stale rows from an earlier plan excluded: {comp.n_stale_rows}",
         f"metrics analysed: {', '.join(result.metrics) or 'none'}",
     ])
     if comp.by_model:
@@ -405,8 +211,7 @@ def build_document(
 
     cmp = result.comparisons
     cmp = cmp[cmp["metric"].isin(shown)] if not cmp.empty else cmp
-    classic = cmp[cmp["comparison"].isin(["group_effect", "sufficiency", "necessity",
-                                          "patch_effect", "source_natural"])]
+    classic = cmp[cmp["comparison"].isin(CLASSIC_COMPARISONS)]
     doc.heading("Classic comparisons")
     doc.para("A = baseline target natural, B = recursive target natural, C = baseline target "
              "with recursive source, D = recursive target with baseline source. diff = a - b; "
@@ -427,7 +232,8 @@ def build_document(
                  f"{result.settings.get('seed')}).")
         doc.table(_transfer_view(tr), "stats/transfer.parquet")
 
-    controls = cmp[cmp["comparison"].str.startswith("control")] if not cmp.empty else cmp
+    controls = cmp[cmp["comparison"].str.startswith((CONTROL_PREFIX, CONTROL_VS_PATCH_PREFIX))
+                   ] if not cmp.empty else cmp
     doc.heading("Controls")
     if controls.empty:
         doc.para("The sweep has no control conditions (self, shuffle, random, other).")
@@ -497,8 +303,9 @@ class ReportOutputs:
 
 
 def write_report(
-    results_dir: str | Path,
+    source: str | os.PathLike[str],
     *,
+    out_dir: str | os.PathLike[str] | None = None,
     metrics: Sequence[str] | None = None,
     seed: int = 0,
     n_resamples: int = 2000,
@@ -506,11 +313,16 @@ def write_report(
     q: float = 0.05,
     figures: bool = True,
 ) -> ReportOutputs:
-    """Everything `rloop-ray stats` does: tables, figures, report.md and report.html."""
-    result = run_stats(results_dir, metrics=metrics, seed=seed, n_resamples=n_resamples,
-                       confidence=confidence, q=q)
-    base = result.results.path
-    tables = write_tables(result)
+    """Everything `rloop-ray stats` does: tables, figures, report.md and report.html.
+
+    `source` is a sweep folder or URI; the outputs go into `out_dir`, by default the sweep
+    folder when it is local (`NotLocalError` otherwise, checked before any computing).
+    """
+    results = load_results(source)
+    base = results.out_dir(out_dir, purpose="the report")
+    result = compute_stats(results, metrics=metrics, seed=seed, n_resamples=n_resamples,
+                           confidence=confidence, q=q)
+    tables = write_tables(result, base / STATS_DIR)
     notes = derive_notes(result)
     if figures:
         figs = make_figures(result, base / FIGURES_DIR, metrics)
@@ -521,6 +333,7 @@ def write_report(
         notes.append(Note("figures", "Figures skipped for lack of data: " + "; ".join(
             f"{f.title} ({f.skipped})" for f in skipped) + "."))
     doc = build_document(result, notes, figs, metrics)
+    base.mkdir(parents=True, exist_ok=True)
     md_path, html_path = base / REPORT_MD, base / REPORT_HTML
     for path, text in ((md_path, doc.markdown(base)), (html_path, doc.html())):
         tmp = path.with_name(f".{path.name}.tmp")
