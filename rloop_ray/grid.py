@@ -14,14 +14,20 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rloop_ray.engine.selectors import SpecError, resolve_layer, resolve_layers, resolve_tokens
+from rloop_ray.engine.selectors import (
+    SpecError,
+    aligned_source_position,
+    resolve_layer,
+    resolve_layers,
+    resolve_tokens,
+)
 from rloop_ray.engine.types import (
-    CACHE_SITES,
     CellRequest,
     GenerationConfig,
     Intervention,
@@ -37,8 +43,6 @@ from rloop_ray.prompts import (
     text_hash,
 )
 from rloop_ray.spec import (
-    BASELINE_GROUP,
-    RECURSIVE_GROUP,
     InterventionAxes,
     Issue,
     ModelSpec,
@@ -47,6 +51,7 @@ from rloop_ray.spec import (
     format_loc,
     load_spec,
 )
+from rloop_ray.vocab import CACHE_SITES, CONTROL_ORDER, NATURAL, NONE, SHUFFLE, classic_condition
 
 __all__ = [
     "NONE",
@@ -54,27 +59,25 @@ __all__ = [
     "Grid",
     "ModelReport",
     "Point",
+    "PromptLengths",
     "WorkUnit",
     "build_grid",
     "check_models",
     "classic_condition",
+    "default_devices",
+    "default_prompt_lengths",
+    "estimate_prompt_lengths",
     "expand",
     "grid_warnings",
     "group_units",
     "intervention_points",
     "load_bank",
     "load_grid",
+    "memory_estimates",
     "resolve_models",
 ]
 
 logger = logging.getLogger(__name__)
-
-NONE = "none"
-"""Canonical value of intervention fields that do not apply (natural cells), so the one
-natural cell of a target does not multiply with the site/layers/tokens/alpha axes."""
-
-CONTROL_ORDER = ("patch", "shuffle", "random", "other", "self")
-"""Order of the per-pair conditions in the expansion (natural comes first, per target)."""
 
 ROW_COORDINATES = (
     "cell_id", "model", "source_id", "target_id", "source_group", "target_group",
@@ -86,18 +89,6 @@ ROW_COORDINATES = (
 
 def _short_hash(payload: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def classic_condition(control: str, target_group: str, source_group: str | None) -> str | None:
-    """A/B/C/D of the classic design, or None for any other cell."""
-    if control == "natural":
-        return {BASELINE_GROUP: "A", RECURSIVE_GROUP: "B"}.get(target_group)
-    if control == "patch":
-        if target_group == BASELINE_GROUP and source_group == RECURSIVE_GROUP:
-            return "C"
-        if target_group == RECURSIVE_GROUP and source_group == BASELINE_GROUP:
-            return "D"
-    return None
 
 
 # --------------------------------------------------------------------------- Cell
@@ -594,6 +585,69 @@ def grid_warnings(grid: Grid) -> list[str]:
 
 # --------------------------------------------------------------------------- model checks
 
+SPECIAL_TOKEN_ALLOWANCE = 8
+"""Tokens an estimate adds for BOS/EOS and a SentencePiece word-start marker."""
+CHAT_TEMPLATE_ALLOWANCE = 128
+"""Tokens an estimate adds when a chat template may apply (SmolLM2's, with its default
+system prompt, adds 30; Llama-3.1's date header about 35)."""
+
+
+@dataclass(frozen=True)
+class PromptLengths:
+    """Token counts of a model's prompts as the engine will encode them.
+
+    `exact`: counted with the model's own tokenizer (chat template included when the
+    model uses one), `low == high`. Otherwise bounds: `low` from the words (and the
+    bank's recorded raw count), `high` from the UTF-8 bytes plus allowances, since a
+    byte-level or byte-fallback tokenizer never needs more than one token per byte.
+    """
+
+    low: Mapping[str, int]
+    high: Mapping[str, int]
+    exact: bool
+    how: str
+    """`tokenizer of X, chat template` or `estimated (why)`, for messages."""
+
+
+PromptLengthsFn = Callable[[ModelSpec, Mapping[str, Prompt]], PromptLengths]
+
+
+def estimate_prompt_lengths(
+    model: ModelSpec, prompts: Mapping[str, Prompt], why: str
+) -> PromptLengths:
+    """Conservative bounds when the tokenizer is not at hand (see `PromptLengths`)."""
+    chat = CHAT_TEMPLATE_ALLOWANCE if model.chat_template is not False else 0
+    low: dict[str, int] = {}
+    high: dict[str, int] = {}
+    for pid, p in prompts.items():
+        recorded = p.tokens_for(model.id, model.name_or_path) or 0  # raw text, no specials
+        low[pid] = max(1, len(p.text.split()), recorded)
+        high[pid] = max(low[pid], len(p.text.encode("utf-8")) + SPECIAL_TOKEN_ALLOWANCE + chat)
+    return PromptLengths(low, high, False, f"estimated: {why}")
+
+
+def default_prompt_lengths(model: ModelSpec, prompts: Mapping[str, Prompt]) -> PromptLengths:
+    """Exact counts with the model's tokenizer when it is cheap to load (builtins, local
+    folders, the local HF cache; never a download), else `estimate_prompt_lengths`.
+
+    Raises `engine.models.NoChatTemplateError` when the grid asks for a chat template
+    the tokenizer lacks.
+    """
+    from rloop_ray.engine.models import (  # noqa: PLC0415  (keeps torch out of expansion)
+        TokenizerUnavailableError,
+        load_prompt_tokenizer,
+    )
+
+    try:
+        tok = load_prompt_tokenizer(model.name_or_path, chat_template=model.chat_template,
+                                    revision=model.revision,
+                                    trust_remote_code=model.trust_remote_code)
+    except TokenizerUnavailableError as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return estimate_prompt_lengths(model, prompts, f"no tokenizer at hand ({why})")
+    counts = {pid: tok.count(p.text) for pid, p in prompts.items()}
+    return PromptLengths(counts, counts, True, tok.source)
+
 
 @dataclass(frozen=True)
 class ModelReport:
@@ -608,8 +662,22 @@ class ModelReport:
     layers: dict[str, list[int]]  # layer spec -> resolved indices
     early_layer: int
     late_layer: int
-    tokens: dict[str, str]  # token spec -> what it selects on prompts of known length
+    tokens: dict[str, str]  # token spec -> what it selects on this model's prompts
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    """Where the facts came from when it matters (shipped config table, estimated lengths)."""
+    lengths: PromptLengths | None = None
+    info: Any = field(default=None, compare=False, repr=False)
+    """The `model_info` object the checks used (the memory estimate reads it)."""
+
+    @property
+    def longest_prompt(self) -> tuple[str, int] | None:
+        """(prompt id, tokens) of the longest prompt (upper bound when estimated)."""
+        if self.lengths is None or not self.lengths.high:
+            return None
+        high = self.lengths.high
+        pid = max(sorted(high), key=high.__getitem__)
+        return pid, high[pid]
 
 
 ModelInfoFn = Callable[[ModelSpec], Any]
@@ -633,15 +701,32 @@ def _model_loc(spec: SweepSpec, model: ModelSpec) -> tuple[str | int, ...] | Non
     return None
 
 
-def check_models(grid: Grid, info_fn: ModelInfoFn | None = None) -> list[ModelReport]:
-    """Check layer specs, R_V layers and token specs against each model's config.
+def _model_prompts(grid: Grid, model: ModelSpec) -> dict[str, Prompt]:
+    cells = grid.cells_for(model.id)
+    ids = {c.target_id for c in cells} | {c.source_id for c in cells if c.source_id}
+    return {pid: grid.prompts[pid] for pid in sorted(ids)}
 
-    Needs only the config (`info_fn(model)` returns an object with `n_layers` and
-    optionally `max_position_embeddings`); raises one SpecValidationError listing every
-    layer spec that does not fit a model.
+
+def check_models(
+    grid: Grid,
+    info_fn: ModelInfoFn | None = None,
+    *,
+    lengths_fn: PromptLengthsFn | None = None,
+) -> list[ModelReport]:
+    """Every check that needs a model: the one pre-flight of `validate` and `sweep`.
+
+    Against each model's config (`info_fn(model)`: an object with `n_layers` and
+    optionally `max_position_embeddings`, `note`) and its prompt lengths
+    (`lengths_fn(model, prompts)`, by default the model's own tokenizer when it loads
+    cheaply, else an estimate): layer specs and R_V layers fit the depth; the longest
+    prompt plus `generation.max_new_tokens` fits the context; every token spec selects
+    at least one position to patch in every (target, source) pair. Exact findings are
+    errors; findings from estimated lengths are warnings. Raises one SpecValidationError
+    listing every problem (file, field, YAML line, allowed values).
     """
     spec = grid.spec
     info_fn = info_fn or default_model_info
+    lengths_fn = lengths_fn or default_prompt_lengths
     issues: list[Issue] = []
     reports: list[ModelReport] = []
 
@@ -656,11 +741,16 @@ def check_models(grid: Grid, info_fn: ModelInfoFn | None = None) -> list[ModelRe
             info = info_fn(model)
             n_layers = int(info.n_layers)
         except Exception as exc:  # noqa: BLE001  (any loader failure becomes a clear message)
+            text = str(exc)
+            # a typo'd name already lists close matches; anything else says the way out
+            if "--skip-model-check" not in text and type(exc).__name__ != "UnknownModelError":
+                text += " (--skip-model-check skips the model checks)"
             issue(loc, f"cannot read the config of model {model.id!r} "
-                  f"({model.name_or_path}): {type(exc).__name__}: {exc}")
+                  f"({model.name_or_path}): {type(exc).__name__}: {text}")
             continue
         max_pos = getattr(info, "max_position_embeddings", None)
         warnings: list[str] = []
+        notes: list[str] = [n for n in (getattr(info, "note", None),) if isinstance(n, str)]
         layer_map: dict[str, list[int]] = {}
         axes = spec.interventions
         for k, lspec in enumerate(axes.layers if axes is not None else []):
@@ -680,49 +770,178 @@ def check_models(grid: Grid, info_fn: ModelInfoFn | None = None) -> list[ModelRe
         if len(points) == 2 and points["early_layer"] >= points["late_layer"]:
             warnings.append(f"R_V early layer {points['early_layer']} is not before the late "
                             f"layer {points['late_layer']}")
-        token_map = _token_summary(grid, model, max_pos, warnings)
+        lengths: PromptLengths | None = None
+        token_map: dict[str, str] = {}
+        try:
+            lengths = lengths_fn(model, _model_prompts(grid, model))
+        except Exception as exc:  # noqa: BLE001  (the engine would fail the same way)
+            chat_loc = (loc[:2] + ("chat_template",)) if loc else None
+            issue(chat_loc, f"cannot encode the prompts of model {model.id!r}: "
+                  f"{type(exc).__name__}: {exc}")
+        if lengths is not None:
+            if not lengths.exact:
+                notes.append(f"prompt lengths {lengths.how}")
+            _check_context(grid, model, max_pos, lengths, issue, warnings)
+            token_map = _token_summary(grid, model, lengths, issue, warnings)
         cells = grid.cells_for(model.id)
         reports.append(ModelReport(
             model=model.id, name_or_path=model.name_or_path, n_layers=n_layers,
             max_position_embeddings=max_pos, n_cells=len(cells),
             n_units=len(grid.units_for(model.id)), layers=layer_map,
             early_layer=points.get("early_layer", -1), late_layer=points.get("late_layer", -1),
-            tokens=token_map, warnings=tuple(warnings),
+            tokens=token_map, warnings=tuple(warnings), notes=tuple(notes), lengths=lengths,
+            info=info,
         ))
     if issues:
         raise SpecValidationError(file=spec.source, issues=issues)
     return reports
 
 
+IssueFn = Callable[..., None]
+
+
+def _check_context(
+    grid: Grid, model: ModelSpec, max_pos: int | None, lengths: PromptLengths,
+    issue: IssueFn, warnings: list[str],
+) -> None:
+    """The longest prompt + max_new_tokens must fit max_position_embeddings.
+
+    Every prompt counts, sources too: a transplant continues from the source's cache.
+    """
+    if not max_pos:
+        return
+    new = grid.spec.generation.max_new_tokens
+    over = sorted(((n, pid) for pid, n in lengths.high.items() if n + new > max_pos),
+                  key=lambda x: (-x[0], x[1]))
+    if not over:
+        return
+    n, pid = over[0]
+    more = f" ({len(over) - 1} more prompt(s) too)" if len(over) > 1 else ""
+    if not lengths.exact:
+        warnings.append(
+            f"prompt {pid!r} may not fit the context: up to {n} tokens ({lengths.how}) + "
+            f"max_new_tokens {new} > {max_pos} (max_position_embeddings){more}")
+        return
+    msg = (f"prompt {pid!r} has {n} tokens on model {model.id!r} ({lengths.how}); with "
+           f"max_new_tokens {new} that is {n + new} positions, beyond the model's context "
+           f"of {max_pos} (max_position_embeddings){more}")
+    if n < max_pos:
+        issue(("generation", "max_new_tokens"), msg,
+              allowed=[f"max_new_tokens <= {max_pos - n}", "shorter prompts"])
+    else:
+        issue(("prompts", "bank"), msg, allowed=[f"prompts shorter than {max_pos} tokens"])
+
+
+def _patchable(tspec: str, align: str, target_len: int, source_len: int) -> tuple[int, int]:
+    """(positions the spec selects on the target prefill, of those with a source position)."""
+    selected = resolve_tokens(tspec, target_len)
+    matched = sum(1 for p in selected
+                  if aligned_source_position(p, target_len, source_len, align) is not None)
+    return len(selected), matched
+
+
 def _token_summary(
-    grid: Grid, model: ModelSpec, max_pos: int | None, warnings: list[str]
+    grid: Grid, model: ModelSpec, lengths: PromptLengths, issue: IssueFn,
+    warnings: list[str],
 ) -> dict[str, str]:
-    """Token specs against the prefill length (n_tokens - 1) of prompts with a known length."""
+    """Token specs against each (target, source) prefill (n_tokens - 1 positions).
+
+    A spec that patches no position of a pair would run as a silent no-op "ok" cell:
+    an error with exact lengths, a warning with estimated ones. Returns spec -> what it
+    selects, for `validate`.
+    """
     spec = grid.spec
-    used = {c.target_id for c in grid.cells_for(model.id) if c.control != "natural"}
-    lengths = {pid: n for pid in sorted(used)
-               if (n := grid.prompts[pid].tokens_for(model.id, model.name_or_path))}
-    all_ids = {c.target_id for c in grid.cells_for(model.id)} | {
-        c.source_id for c in grid.cells_for(model.id) if c.source_id}
-    if max_pos:
-        for pid in sorted(all_ids):
-            n = grid.prompts[pid].tokens_for(model.id, model.name_or_path)
-            if n and n + spec.generation.max_new_tokens > max_pos:
-                warnings.append(f"prompt {pid!r} ({n} tokens) + {spec.generation.max_new_tokens}"
-                                f" new tokens exceeds max_position_embeddings {max_pos}")
+    axes = spec.interventions
     out: dict[str, str] = {}
-    if spec.interventions is None:
+    if axes is None:
         return out
-    for tspec in spec.interventions.tokens:
-        if not lengths:
-            out[tspec] = "prompt lengths unknown for this model (no n_tokens in the bank)"
+    combos: dict[str, set[tuple[str, str, str]]] = {}
+    for c in grid.cells_for(model.id):
+        if c.control == NATURAL or c.mode == "transplant":
+            continue  # a transplant replaces whole layers: tokens do not apply
+        combos.setdefault(c.tokens, set()).add((c.target_id, c.source_id or c.target_id,
+                                                c.align))
+    variants = [lengths.low] if lengths.exact else [lengths.low, lengths.high]
+    for k, tspec in enumerate(axes.tokens):
+        pairs = combos.get(tspec)
+        if not pairs:
             continue
-        counts = {pid: len(resolve_tokens(tspec, n - 1)) for pid, n in lengths.items()}
-        empty = sorted(pid for pid, k in counts.items() if k == 0)
-        if empty:
-            warnings.append(f"token spec {tspec!r} selects no prefill position of "
-                            f"{len(empty)} target(s): {', '.join(empty[:5])}")
-        lo, hi = min(counts.values()), max(counts.values())
+        empty: list[str] = []
+        for target, source, align in sorted(pairs):
+            for lens in variants:
+                t_len, s_len = lens[target] - 1, lens[source] - 1
+                n_sel, n_match = _patchable(tspec, align, t_len, s_len)
+                if n_match:
+                    continue
+                if n_sel == 0:
+                    empty.append(f"target {target!r} (prefill {t_len} positions)")
+                else:
+                    empty.append(f"target {target!r} (prefill {t_len}) against source "
+                                 f"{source!r} (prefill {s_len}, align {align}): no aligned "
+                                 "source position")
+                break
+        counts_lo = [len(resolve_tokens(tspec, lengths.low[t] - 1)) for t, _, _ in pairs]
+        counts_hi = [len(resolve_tokens(tspec, lengths.high[t] - 1)) for t, _, _ in pairs]
+        lo, hi = min(counts_lo + counts_hi), max(counts_lo + counts_hi)
         span = f"{lo}" if lo == hi else f"{lo}..{hi}"
-        out[tspec] = f"{span} positions on {len(counts)} target(s) of known length"
+        n_targets = len({t for t, _, _ in pairs})
+        how = lengths.how if lengths.exact else "estimated"
+        out[tspec] = f"{span} positions on {n_targets} target(s) ({how})"
+        if not empty:
+            continue
+        shown = "; ".join(sorted(set(empty))[:3])
+        extra = len(set(empty)) - 3
+        shown += f"; and {extra} more" if extra > 0 else ""
+        if lengths.exact:
+            issue(("interventions", "tokens", k),
+                  f"token spec {tspec!r} selects no position to patch on model {model.id!r} "
+                  f"({lengths.how}): {shown}. Those cells would run as no-op patches.",
+                  allowed=["all", "first:N, last:N, mid:N (N a count or a percentage)",
+                           "slices that lie within every prompt"])
+        else:
+            warnings.append(f"token spec {tspec!r} may select no position to patch "
+                            f"({lengths.how}): {shown}")
+    return out
+
+
+def default_devices(spec: SweepSpec) -> list[Any]:
+    """Devices the memory estimate is shown for: the reference 24 GB GPU (A10G) times
+    `resources.gpus_per_replica`, this host's RAM when that is 0, both when it is null."""
+    from rloop_ray import memory  # noqa: PLC0415
+
+    gpus = spec.resources.gpus_per_replica
+    out: list[Any] = []
+    if gpus is None or gpus > 0:
+        out.append(memory.parse_device("a10g", gpus=max(1, math.ceil(gpus or 1))))
+    if not gpus:
+        try:
+            out.append(memory.parse_device("cpu"))
+        except ValueError:
+            logger.debug("host RAM unknown: no CPU memory estimate")
+    return out
+
+
+def memory_estimates(grid: Grid, report: ModelReport, devices: Sequence[Any]) -> list[Any]:
+    """`memory.replica_estimate` of one model on each device, at the grid's batch size,
+    its longest prompt (an upper bound when lengths are estimated) and max_new_tokens.
+    Empty when the config lacks what the parameter count needs."""
+    from rloop_ray import memory  # noqa: PLC0415
+
+    longest = report.longest_prompt
+    if report.info is None or longest is None:
+        return []
+    model = next(m for m in grid.models if m.id == report.model)
+    spec = grid.spec
+    cells = grid.cells_for(model.id)
+    shuffled = {c.control_seed for c in cells if c.control == SHUFFLE}
+    n_prompts = len(_model_prompts(grid, model)) + len(shuffled)
+    sites = sorted({c.site for c in cells} & set(memory.CAPTURE_SITES))
+    out = []
+    for device in devices:
+        est = memory.replica_estimate(
+            report.info, dtype=model.dtype, prompt_tokens=longest[1],
+            new_tokens=spec.generation.max_new_tokens, batch_size=spec.resources.batch_size,
+            device=device, n_prompts=n_prompts, capture_sites=sites)
+        if est is not None:
+            out.append(est)
     return out

@@ -5,6 +5,8 @@ out-of-memory, and whether a model needs one GPU or several (`gpus_per_replica`,
 accelerate's `device_map`) is decided before a cluster is paid for. Both follow from a
 few config numbers, so they are computed here from the config alone (no torch, no
 weights): `kv_bytes_per_token`, `weight_bytes`, `choose_batch_size`, `gpus_per_replica`.
+`rloop-ray validate` prints `replica_estimate` for each model of a grid: the bytes of one
+replica at the grid's batch size and the largest batch that fits a device.
 
 The model is an estimate for planning. It follows what `engine.runner.Engine` holds on
 the device (see `sequence_bytes` and `shared_bytes`); a wrong estimate is made safe by
@@ -16,6 +18,8 @@ Units: bytes (int). KiB/MiB/GiB are powers of 1024.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +30,8 @@ __all__ = [
     "A10G_BYTES",
     "CUDA_CONTEXT_BYTES",
     "DTYPE_BYTES",
+    "ENGINE_PROMPT_CACHE",
+    "Device",
     "GiB",
     "InsufficientMemoryError",
     "KiB",
@@ -33,12 +39,17 @@ __all__ = [
     "ModelShape",
     "REFERENCE_MODELS",
     "ReferenceModel",
+    "ReplicaEstimate",
     "capture_bytes_per_token",
     "choose_batch_size",
     "device_free_bytes",
     "dtype_bytes",
+    "estimate_n_params",
     "format_bytes",
     "gpus_per_replica",
+    "host_ram_bytes",
+    "parse_device",
+    "replica_estimate",
     "kv_bytes",
     "kv_bytes_per_token",
     "reference_markdown",
@@ -420,3 +431,185 @@ def reference_markdown(gpu_bytes: int = A10G_BYTES, prompt_tokens: int = 512,
             f"{r['batch_size']} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- validate
+
+
+ENGINE_PROMPT_CACHE = 64
+"""`Engine(prompt_cache_size=...)`'s default, the LRU of encoded prompts a replica keeps
+(a test keeps the two equal; torch is not imported here)."""
+
+
+def estimate_n_params(info: Any) -> int | None:
+    """Parameters of a Llama-like decoder from its config, or None when fields are missing.
+
+    Embeddings (twice unless tied), per layer q/k/v/o and a gated MLP (3 x hidden x
+    intermediate), two RMSNorms (four on Gemma-2/3), Qwen3/Gemma-3 q/k norms, Qwen2's
+    q/k/v biases, and the final norm. It reproduces the checkpoints' counts of
+    Llama-3-8B, Mistral-7B, SmolLM2-135M and Gemma-3-270M exactly (a test checks it);
+    a multimodal wrapper's vision tower is not counted.
+    """
+    inter = getattr(info, "intermediate_size", None)
+    tied = getattr(info, "tie_word_embeddings", None)
+    n_heads = getattr(info, "n_heads", None)
+    if not isinstance(inter, int) or tied is None or not isinstance(n_heads, int):
+        return None
+    h, hd, kv = info.hidden_size, info.head_dim, info.n_kv_heads
+    model_type = str(getattr(info, "model_type", ""))
+    q_width, kv_width = n_heads * hd, kv * hd
+    per_layer = h * q_width + 2 * h * kv_width + q_width * h + 3 * h * inter
+    per_layer += (4 if model_type.startswith("gemma") else 2) * h
+    if model_type in ("qwen3", "gemma3_text", "gemma3"):
+        per_layer += 2 * hd
+    if model_type == "qwen2":
+        per_layer += q_width + 2 * kv_width
+    embed = info.vocab_size * h
+    return embed * (1 if tied else 2) + info.n_layers * per_layer + h
+
+
+def host_ram_bytes() -> int | None:
+    """Physical memory of this host (what a CPU replica can use at most), None if unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Device:
+    """Memory a replica may use: `count` GPUs of `bytes_each`, or the host's RAM."""
+
+    name: str
+    bytes_each: int
+    count: int = 1
+    gpu: bool = True
+
+    @property
+    def usable(self) -> int:
+        """Bytes before the weights: each GPU loses CUDA_CONTEXT_BYTES, RAM loses nothing."""
+        lost = CUDA_CONTEXT_BYTES if self.gpu else 0
+        return self.count * (self.bytes_each - lost)
+
+    def label(self) -> str:
+        if not self.gpu:
+            return f"{format_bytes(self.bytes_each)} {self.name}"
+        return f"{self.count} x {self.name} ({format_bytes(self.bytes_each)})"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024**4}
+
+
+def parse_device(text: str, *, gpus: int = 1) -> Device:
+    """`cpu` (this host's RAM), `a10g` (the 24 GB reference card) or a per-GPU size such
+    as `80GiB`, `24GB`, `81920MiB`; `gpus` is the replica's GPU count."""
+    value = text.strip().lower()
+    if value == "cpu":
+        ram = host_ram_bytes()
+        if ram is None:
+            raise ValueError("cannot read this host's RAM size; give a size like '64GiB'")
+        return Device("CPU RAM", ram, 1, gpu=False)
+    if value in ("a10g", "l4"):
+        return Device(value.upper(), A10G_BYTES, max(1, gpus))
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", value)
+    if not found or found.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"bad device memory {text!r}: use cpu, a10g, or a size like "
+                         "'80GiB', '24GB', '81920MiB'")
+    size = int(float(found.group(1)) * _SIZE_UNITS[found.group(2)])
+    if size <= CUDA_CONTEXT_BYTES:
+        raise ValueError(f"device memory {text!r} is smaller than a CUDA context "
+                         f"({format_bytes(CUDA_CONTEXT_BYTES)})")
+    return Device("GPU", size, max(1, gpus))
+
+
+@dataclass(frozen=True)
+class ReplicaEstimate:
+    """One replica of a model at a grid's settings, against one device."""
+
+    dtype: str
+    n_params: int
+    weights: int
+    shared: int
+    """Encoded prompts the engine keeps (its LRU), captured activations included."""
+    per_row: int
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+    device: Device
+    max_batch: int | None
+    """Largest batch that fits `device` at safety 0.8; None when not even one row does."""
+    gpus_needed: int | None = None
+    """When one replica does not fit: the GPUs of this size it would need (1, 2, 4, 8)."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.shared + self.batch_size * self.per_row
+
+    def fit_text(self) -> str:
+        """`batch <= 41 on 1 x A10G (22.5 GiB)`, or why the replica does not fit."""
+        where = ("in " if not self.device.gpu else "on ") + self.device.label()
+        if self.max_batch is not None:
+            text = f"batch <= {self.max_batch} {where}"
+            if self.batch_size > self.max_batch:
+                text += (f" (resources.batch_size {self.batch_size} is larger: expect "
+                         "out-of-memory splits)")
+            return text
+        if self.weights >= self.device.usable:
+            text = (f"does not fit {where}: the weights alone are "
+                    f"{format_bytes(self.weights)}")
+        else:
+            text = f"does not fit {where}: not one row fits beside the weights"
+        if self.gpus_needed is not None and self.device.gpu:
+            text += f"; it needs resources.gpus_per_replica: {self.gpus_needed}"
+        elif self.device.gpu:
+            text += "; use bfloat16 or more GPUs per replica"
+        return text
+
+
+def replica_estimate(
+    info: ModelShape,
+    *,
+    dtype: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    batch_size: int,
+    device: Device,
+    n_prompts: int = ENGINE_PROMPT_CACHE,
+    capture_sites: Sequence[str] = (),
+    safety: float = 0.8,
+) -> ReplicaEstimate | None:
+    """Memory of one replica and the largest batch `device` holds; None when the config
+    lacks what the parameter count needs (`intermediate_size`, `tie_word_embeddings`).
+
+    `prompt_tokens` is the longest prompt (every row and cached prompt is budgeted at
+    it, an upper bound); `n_prompts` the distinct prompts a replica encodes, capped at
+    the engine's LRU of ENGINE_PROMPT_CACHE.
+    """
+    n_params = estimate_n_params(info)
+    if n_params is None:
+        return None
+    cached = max(2, min(n_prompts, ENGINE_PROMPT_CACHE))
+    weights = weight_bytes(n_params, dtype)
+    shared = shared_bytes(info, prompt_tokens, dtype, cached_prompts=cached,
+                          capture_sites=capture_sites)
+    row = sequence_bytes(info, prompt_tokens, new_tokens, dtype)
+    free = device.usable - weights
+    max_batch: int | None = None
+    needed: int | None = None
+    if free > 0:
+        try:
+            max_batch = choose_batch_size(free, info, prompt_tokens, new_tokens, dtype, safety,
+                                          cached_prompts=cached, capture_sites=capture_sites)
+        except InsufficientMemoryError:
+            max_batch = None
+    if max_batch is None and device.gpu:
+        try:
+            needed = gpus_per_replica(n_params, info, device.bytes_each, prompt_tokens,
+                                      new_tokens, dtype, safety, cached_prompts=cached)
+        except InsufficientMemoryError:
+            needed = None
+    return ReplicaEstimate(dtype=dtype, n_params=n_params, weights=weights, shared=shared,
+                           per_row=row, batch_size=batch_size, prompt_tokens=prompt_tokens,
+                           new_tokens=new_tokens, device=device, max_batch=max_batch,
+                           gpus_needed=needed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -32,8 +33,20 @@ from pydantic import (
 )
 
 from rloop_ray.engine.selectors import SpecError, resolve_layer, resolve_layers, validate_token_spec
-from rloop_ray.engine.types import CACHE_SITES
 from rloop_ray.lookup import did_you_mean
+from rloop_ray.vocab import (
+    ALIGNS,
+    BASELINE_GROUP,
+    CACHE_SITES,
+    CLAIMS,
+    CLASSIC_CONDITIONS,
+    DTYPES,
+    GRID_CONTROLS,
+    MODES,
+    RECURSIVE_GROUP,
+    SCORERS,
+    SITES,
+)
 
 __all__ = [
     "CLAIMS",
@@ -54,20 +67,10 @@ __all__ = [
     "load_spec_text",
     "parse_spec",
     "read_yaml",
+    "short_repr",
 ]
 
-CLAIMS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
-"""Prior claims (shared/PRIOR_RESULTS.md) a sweep can say it re-tests."""
-
-CLASSIC_CONDITIONS = {
-    "A": "baseline target, natural",
-    "B": "recursive target, natural",
-    "C": "baseline target, recursive source (patch)",
-    "D": "recursive target, baseline source (patch)",
-}
-BASELINE_GROUP = "baseline"
-RECURSIVE_GROUP = "recursive"
-KNOWN_SCORERS = ("keywords", "regex", "logprob_contrast")
+KNOWN_SCORERS = SCORERS
 """Scorer names accepted when `rloop_ray.scoring` offers no registry to ask."""
 
 _SYNTAX_DEPTH = 100_000  # layer specs are syntax-checked against a deep "model"
@@ -187,6 +190,87 @@ class LineIndex:
         return self._lines.get(loc)
 
 
+MAX_YAML_NODES = 100_000
+"""Nodes one YAML document may hold, each alias counted at the size it expands to. Grid
+files have tens of nodes and the shipped prompt bank a few thousand; a "billion laughs"
+file of a few hundred bytes (anchors of lists of aliases of lists ...) expands to 10^9
+and would take minutes and gigabytes before any check ran."""
+
+MAX_ECHO_CHARS = 200
+"""Longest echo of a user value in an error message; longer ones end in "…"."""
+
+
+def short_repr(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters ending in "…", without building the whole
+    repr of a huge value: strings are cut first, containers go through a bounded
+    `reprlib.Repr` (aliases can make a small file's value print as megabytes)."""
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])
+    else:
+        r = reprlib.Repr()
+        r.maxstring = r.maxother = limit
+        r.maxlist = r.maxtuple = r.maxdict = r.maxset = 20
+        r.maxlevel = 4
+        text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _YamlTooLarge(Exception):
+    """The document expands beyond MAX_YAML_NODES, or aliases itself."""
+
+    def __init__(self, message: str, mark: yaml.Mark | None) -> None:
+        super().__init__(message)
+        self.line = mark.line + 1 if mark is not None else None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that counts nodes while composing, an alias at its expanded size,
+    and stops at `limit`: memory and time stay proportional to the limit, not to what
+    nested aliases would expand to. Recursive aliases (`&a [*a]`) are refused too."""
+
+    def __init__(self, stream: str, limit: int = MAX_YAML_NODES) -> None:
+        super().__init__(stream)
+        self._limit = limit
+        self._expanded = 0
+        self._sizes: dict[int, int] = {}
+
+    def _size(self, node: yaml.Node) -> int:
+        """Expanded node count of a finished node (memoised: shared subtrees cost once)."""
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(self._size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+        else:
+            total = 1
+        self._sizes[id(node)] = total
+        return total
+
+    def _add(self, n: int, mark: yaml.Mark | None) -> None:
+        self._expanded += n
+        if self._expanded > self._limit:
+            raise _YamlTooLarge(
+                f"the YAML expands to more than {self._limit} nodes (aliases *name count at "
+                "the size of what they repeat); refused as an alias bomb or a runaway file",
+                mark)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                if target.end_mark is None:  # still being composed: an alias of an ancestor
+                    raise _YamlTooLarge(f"alias *{event.anchor} refers to a node that contains "
+                                        "it (a recursive structure)", event.start_mark)
+                self._add(self._size(target), event.start_mark)
+            return super().compose_node(parent, index)
+        node = super().compose_node(parent, index)
+        self._add(1, node.start_mark)
+        return node
+
+
 def read_yaml(path: str | Path) -> tuple[Any, LineIndex]:
     """Parse a YAML file safely; any read or syntax problem becomes a SpecValidationError."""
     path = Path(path)
@@ -200,14 +284,22 @@ def read_yaml(path: str | Path) -> tuple[Any, LineIndex]:
 
 
 def _parse_yaml_text(text: str, source: str | Path) -> tuple[Any, LineIndex]:
+    """Safe-load `text` once (bounded, see `_BoundedLoader`) and index its lines."""
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)  # same safe parser; keeps line marks
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecValidationError(f"malformed YAML: {problem}", file=source, line=line) from exc
+    except _YamlTooLarge as exc:
+        raise SpecValidationError(str(exc), file=source, line=exc.line) from None
+    except RecursionError:
+        raise SpecValidationError("the YAML is nested too deeply", file=source) from None
+    finally:
+        loader.dispose()
     lines = LineIndex.from_node(node)
     if lines.duplicates:
         issues = [Issue(format_loc(loc), "duplicate key (YAML would silently keep the last one)",
@@ -284,18 +376,22 @@ LayerSpec = Annotated[str, BeforeValidator(_canon_layers)]
 LayerPoint = Annotated[str, BeforeValidator(_canon_layer_point)]
 TokenSpec = Annotated[str, BeforeValidator(_check_token_spec)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""Sweep names (grid `name`, `--name`): one path component that cannot climb out of
+`results/` (no `/`, no leading `.`), so a name never addresses another folder."""
+NAME_MAX_LENGTH = 100
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)]
 ModelId = Annotated[str, Field(pattern=r"^\S+$", max_length=200)]
 GroupName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Level = Annotated[int, Field(ge=1, le=5)]
 
-Site = Literal["kv", "k", "v", "v_proj", "qkv", "resid"]
-Mode = Literal["mix", "transplant"]
-Align = Literal["start", "end"]
-Control = Literal["natural", "self", "shuffle", "random", "other"]
-Dtype = Literal["float32", "float16", "bfloat16"]
-Claim = Literal["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"]
-Condition = Literal["A", "B", "C", "D"]
+Site = Literal[SITES]
+Mode = Literal[MODES]
+Align = Literal[ALIGNS]
+Control = Literal[GRID_CONTROLS]
+Dtype = Literal[DTYPES]
+Claim = Literal[CLAIMS]
+Condition = Literal[tuple(CLASSIC_CONDITIONS)]
 
 
 class _Strict(BaseModel):
@@ -663,7 +759,7 @@ def _issue_from_pydantic(
         msg = msg[len("Value error, "):]
     allowed: tuple[str, ...] | None = None
     if kind == "extra_forbidden":
-        key = str(loc[-1]) if loc else "?"
+        key = str(loc[-1])[:MAX_ECHO_CHARS] if loc else "?"
         owner = _model_at(root, loc[:-1])
         names = sorted(owner.model_fields) if owner is not None else []
         msg = f"unknown key {key!r}.{did_you_mean(key, names)}"
@@ -673,10 +769,11 @@ def _issue_from_pydantic(
     elif kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
         got = err.get("input")
-        msg = f"{got!r} is not allowed.{did_you_mean(str(got), expected)}"
+        hint = did_you_mean(str(got)[:MAX_ECHO_CHARS], expected)
+        msg = f"{short_repr(got)} is not allowed.{hint}"
         allowed = tuple(expected) or None
     elif kind not in ("value_error",):
-        msg = f"{msg} (got {err.get('input')!r})"
+        msg = f"{msg} (got {short_repr(err.get('input'))})"
     return Issue(field, msg, line, allowed)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -215,3 +216,95 @@ def test_model_info_satisfies_the_protocol() -> None:
     assert per_token == 2 * info.n_layers * info.n_kv_heads * info.head_dim * 4
     assert kv_bytes(info, 100, "float32", windowed=True) <= kv_bytes(info, 100, "float32")
     assert choose_batch_size(GiB, info, 16, 8, "float32") >= 1
+
+
+# --------------------------------------------------------------------------- validate's estimate
+
+
+def test_parameter_count_from_config_matches_the_checkpoints() -> None:
+    """`estimate_n_params` (what validate uses) reproduces every reference count."""
+    shapes = {
+        "Llama-3-8B": dict(intermediate_size=14336, model_type="llama"),
+        "Mistral-7B": dict(intermediate_size=14336, model_type="mistral"),
+        "SmolLM2-135M": dict(intermediate_size=1536, model_type="llama", tied=True),
+        "Gemma-3-270M": dict(intermediate_size=2048, model_type="gemma3_text", tied=True),
+    }
+    for ref in memory.REFERENCE_MODELS:
+        extra = shapes[ref.name]
+        info = SimpleNamespace(
+            n_layers=ref.n_layers, n_heads=ref.n_heads, n_kv_heads=ref.n_kv_heads,
+            head_dim=ref.head_dim, hidden_size=ref.hidden_size, vocab_size=ref.vocab_size,
+            intermediate_size=extra["intermediate_size"], model_type=extra["model_type"],
+            tie_word_embeddings=extra.get("tied", False))
+        assert memory.estimate_n_params(info) == ref.n_params, ref.name
+    assert memory.estimate_n_params(Shape(32, 8, 128)) is None  # no intermediate_size
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-gemma3"])
+def test_parameter_count_equals_a_loaded_model(
+    name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rloop_ray.engine import models
+
+    path = request.getfixturevalue(f"{name.replace('-', '_')}_path")
+    monkeypatch.setenv(models.CACHE_ENV, str(path.parent))
+    loaded = models.load_model(name)
+    real = sum(p.numel() for p in loaded.model.parameters())
+    assert memory.estimate_n_params(models.model_info(name)) == real
+
+
+def test_reference_rows_agree_with_the_shipped_config_table() -> None:
+    from rloop_ray.engine.known_configs import known_config
+
+    for ref in memory.REFERENCE_MODELS[:2]:
+        known = known_config(ref.hub_id)
+        assert known is not None, ref.hub_id
+        assert (known.n_layers, known.n_heads, known.n_kv_heads, known.head_dim,
+                known.hidden_size, known.vocab_size, known.sliding_window) == (
+            ref.n_layers, ref.n_heads, ref.n_kv_heads, ref.head_dim, ref.hidden_size,
+            ref.vocab_size, ref.sliding_window)
+        assert memory.estimate_n_params(known) == ref.n_params
+
+
+def test_engine_prompt_cache_default_is_the_budgeted_one() -> None:
+    import inspect
+
+    from rloop_ray.engine import Engine
+
+    default = inspect.signature(Engine.__init__).parameters["prompt_cache_size"].default
+    assert default == memory.ENGINE_PROMPT_CACHE
+
+
+def test_replica_estimate_fp32_8b_needs_two_a10g() -> None:
+    from rloop_ray.engine.known_configs import known_config
+
+    llama = known_config("meta-llama/Meta-Llama-3-8B-Instruct")
+    a10g = memory.parse_device("a10g")
+    fp16 = memory.replica_estimate(llama, dtype="float16", prompt_tokens=120, new_tokens=64,
+                                   batch_size=32, device=a10g, n_prompts=200)
+    assert fp16 is not None and fp16.max_batch is not None and fp16.max_batch >= 32
+    assert fp16.weights == 2 * 8_030_261_248
+    assert fp16.shared == memory.shared_bytes(llama, 120, "float16",
+                                              cached_prompts=memory.ENGINE_PROMPT_CACHE)
+    assert fp16.total == fp16.weights + fp16.shared + 32 * fp16.per_row
+    assert fp16.fit_text().startswith(f"batch <= {fp16.max_batch} on 1 x A10G")
+    fp32 = memory.replica_estimate(llama, dtype="float32", prompt_tokens=120, new_tokens=64,
+                                   batch_size=32, device=a10g)
+    assert fp32 is not None and fp32.max_batch is None and fp32.gpus_needed == 2
+    assert "weights alone are 29.9 GiB" in fp32.fit_text()
+    assert "gpus_per_replica: 2" in fp32.fit_text()
+    small = memory.replica_estimate(llama, dtype="float16", prompt_tokens=120, new_tokens=64,
+                                    batch_size=512, device=a10g)
+    assert small is not None and "expect out-of-memory splits" in small.fit_text()
+
+
+def test_parse_device() -> None:
+    assert memory.parse_device("80GiB").bytes_each == 80 * GiB
+    assert memory.parse_device("24GB", gpus=2).usable == 2 * (24 * 10**9
+                                                              - memory.CUDA_CONTEXT_BYTES)
+    cpu = memory.parse_device("cpu")
+    assert not cpu.gpu and cpu.usable == memory.host_ram_bytes()
+    with pytest.raises(ValueError, match="bad device memory"):
+        memory.parse_device("lots")
+    with pytest.raises(ValueError, match="smaller than a CUDA context"):
+        memory.parse_device("100MB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,8 +39,11 @@ def _fake_info(model: Any) -> SimpleNamespace:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project dir with a non-empty results/ whose contents the CLI must not touch."""
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project dir with a non-empty results/ whose contents the CLI must not touch;
+    builtins (whose tokenizers the pre-flight reads) live in the session's temp cache."""
+    monkeypatch.setenv("RLOOP_CACHE", str(tmp_path_factory.getbasetemp() / "rloop-cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(grid_mod, "default_model_info", _fake_info)
     (tmp_path / "results" / "old").mkdir(parents=True)
@@ -305,3 +309,65 @@ def test_validate_with_the_real_model_info_on_a_local_config(
     bad = _validate(workdir, _grid(f"models: [{model}]\ninterventions: {{layers: [40]}}\n"))
     assert bad.exit_code == 2 and "interventions.layers[0]" in bad.stderr
     assert "layer 40 is out of range for a 32-layer model" in bad.stderr
+
+
+# --------------------------------------------------------------------------- YAML safety
+
+BOMB = (
+    "name: bomb\nmodels: [tiny-llama]\n"
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    + "".join(f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]\n"
+              for p, n in zip("abcdefgh", "bcdefghi"))
+)
+"""A "billion laughs": 9 levels of 9 aliases, 9^9 = 387 million strings, in ~400 bytes."""
+
+
+def test_alias_bomb_is_refused_fast_with_a_short_message(workdir: Path) -> None:
+    import tracemalloc
+
+    assert len(BOMB) < 600
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(SpecValidationError) as err:
+        load_spec_text(BOMB, source="bomb.yaml")
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 5 and peak < 64 * 2**20, (elapsed, peak)
+    msg = str(err.value)
+    assert len(msg) < 400 and msg.startswith("bomb.yaml:")
+    assert "expands to more than" in msg and "alias" in msg
+    assert err.value.line is not None and 4 <= err.value.line <= 11
+    result = _validate(workdir, BOMB)  # the CLI: exit 2, one short line
+    assert result.exit_code == 2 and len(result.stderr) < 400, result.stderr[:400]
+
+
+def test_recursive_alias_and_deep_nesting_are_refused(workdir: Path) -> None:
+    with pytest.raises(SpecValidationError, match="contains it"):
+        load_spec_text("name: t\nmodels: &m [a, *m]\n", source="g.yaml")
+    with pytest.raises(SpecValidationError, match="nested too deeply"):
+        load_spec_text("name: t\nmodels: " + "[" * 5000 + "]" * 5000 + "\n", source="g.yaml")
+
+
+def test_ordinary_aliases_still_work() -> None:
+    text = ("name: t\nmodels: [big32]\n"
+            f"prompts: {{bank: '{BANK}'}}\n"
+            "interventions: {layers: &l ['0:8', '8:16'], tokens: all}\n"
+            "x-reused: *l\n")
+    with pytest.raises(SpecValidationError, match="unknown key 'x-reused'"):
+        load_spec_text(text, source="g.yaml")  # parsed fine; the key itself is unknown
+    spec = load_spec_text(text.replace("x-reused: *l\n", ""), source="g.yaml")
+    assert spec.interventions is not None and spec.interventions.layers == ["0:8", "8:16"]
+
+
+def test_a_huge_echoed_value_is_truncated() -> None:
+    huge = "x" * 100_000
+    with pytest.raises(SpecValidationError) as err:
+        load_spec_text(f"name: t\nmodels: [big32]\ngeneration: {{temperature: {huge}}}\n",
+                       source="g.yaml")
+    msg = str(err.value)
+    assert "generation.temperature" in msg and "…" in msg and len(msg) < 600
+    with pytest.raises(SpecValidationError) as err:
+        load_spec_text(f"name: t\nmodels: [big32]\ninterventions: {{mode: {huge}}}\n",
+                       source="g.yaml")
+    assert "…" in str(err.value) and len(str(err.value)) < 800

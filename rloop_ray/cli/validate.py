@@ -1,16 +1,17 @@
 """`rloop-ray validate`: check a grid file end to end before any GPU time is spent.
 
 It loads the spec, the prompt bank and each model's config (never weights), expands the
-grid, and prints counts and the layer indices every layer spec resolves to on each
-model. It starts no Ray and writes nothing. Any problem is one message on stderr and
-exit code 2.
+grid, and prints counts, the layer indices every layer spec resolves to on each model,
+what each token spec selects, and the memory of one replica with the largest batch that
+fits. The checks are `grid.check_models`, the same pre-flight `sweep` runs. It starts
+no Ray and writes nothing. Any problem is one message on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -47,7 +48,33 @@ def _indices(layers: list[int]) -> str:
     return f"{','.join(parts)} ({n} layer{'s' if n != 1 else ''})"
 
 
-def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str]) -> list[str]:
+def _params(n: int) -> str:
+    """8030261248 -> "8.03 B", 134515008 -> "135 M"."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
+def _memory_lines(grid: Grid, report: ModelReport, devices: list[Any]) -> list[str]:
+    """Two lines: one replica's bytes at the grid's batch, and the batch each device holds."""
+    from rloop_ray.grid import memory_estimates
+    from rloop_ray.memory import format_bytes
+
+    estimates = memory_estimates(grid, report, devices)
+    if not estimates:
+        return []
+    e = estimates[0]
+    exact = report.lengths is not None and report.lengths.exact
+    tokens = f"prompts <= {e.prompt_tokens}{'' if exact else ' (estimated)'} + {e.new_tokens} new"
+    first = (f"  memory per replica ({e.dtype}, {_params(e.n_params)} params): weights "
+             f"{format_bytes(e.weights)} + {format_bytes(e.shared)} encoded prompts + batch "
+             f"{e.batch_size} x {format_bytes(e.per_row)} ({tokens}) = {format_bytes(e.total)}")
+    return [first, "  fits: " + "; ".join(x.fit_text() for x in estimates)]
+
+
+def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str],
+              devices: list[Any] | None = None) -> list[str]:
     spec = grid.spec
     p = spec.prompts
     lines = [f"grid {spec.source}: {spec.name} (version {spec.version})"]
@@ -94,6 +121,13 @@ def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str]
                      f"late {spec.measure.late_layer} -> {rep.late_layer}")
         for tspec, summary in rep.tokens.items():
             lines.append(f"  tokens {tspec}: {summary}")
+        if rep.longest_prompt is not None and rep.lengths is not None:
+            pid, n = rep.longest_prompt
+            bound = "" if rep.lengths.exact else "up to "
+            lines.append(f"  longest prompt: {pid} ({bound}{n} tokens) + "
+                         f"{spec.generation.max_new_tokens} new tokens")
+        lines += _memory_lines(grid, rep, devices or [])
+        lines += [f"  note: {n}" for n in rep.notes]
         lines += [f"  warning: {w}" for w in rep.warnings]
     lines += [f"warning: {w}" for w in warnings]
     lines.append(f"total: {len(grid.cells)} cells in {len(grid.units)} work units over "
@@ -118,13 +152,22 @@ def validate(
         typer.Option("--skip-model-check",
                      help="Do not read model configs (offline, unknown models)."),
     ] = False,
+    device_memory: Annotated[
+        str | None,
+        typer.Option("--device-memory",
+                     help="Memory of the device the estimate is shown for: cpu (this "
+                          "host's RAM), a10g, or a per-GPU size such as 80GiB. Default: "
+                          "a 24 GB A10G per resources.gpus_per_replica, and RAM when "
+                          "that is 0 or null."),
+    ] = None,
 ) -> None:
     """Expand GRID, count cells and units per model and check layer and token specs against
     each model's config (no weights, no Ray, nothing written). Exit code 2 if invalid.
 
     Example: rloop-ray validate sweeps/quickstart.yaml --model tiny-llama
     """
-    from rloop_ray.grid import build_grid, check_models, grid_warnings
+    from rloop_ray.grid import build_grid, check_models, default_devices, grid_warnings
+    from rloop_ray.memory import parse_device
     from rloop_ray.spec import SpecValidationError, load_spec
 
     try:
@@ -134,6 +177,12 @@ def validate(
     except SpecValidationError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
-    for line in _describe(built, reports, grid_warnings(built)):
+    try:
+        gpus = spec.resources.gpus_per_replica
+        devices = (default_devices(spec) if device_memory is None else
+                   [parse_device(device_memory, gpus=max(1, int(-(-(gpus or 1) // 1))))])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device-memory") from None
+    for line in _describe(built, reports, grid_warnings(built), devices):
         typer.echo(line)
     typer.echo("OK")

@@ -565,6 +565,11 @@ def load_model(
 # --------------------------------------------------------------------------- info
 
 
+class ModelConfigUnavailableError(RuntimeError):
+    """A model's config could be read neither locally, nor from the hub, nor from the
+    shipped table; the message says how to proceed."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Shapes and attention layout from the config alone (no weights)."""
@@ -586,6 +591,13 @@ class ModelInfo:
     """Per layer: its window, or None for full attention."""
     supported: bool
     """Whether `adapters.ARCHITECTURES` has an entry for this model_type."""
+    intermediate_size: int | None = None
+    """MLP width; with `tie_word_embeddings` it gives the parameter count (memory model)."""
+    tie_word_embeddings: bool | None = None
+    config_source: str = "config"
+    """`config` (read from a config.json or GGUF) or `known_table` (`known_configs.py`)."""
+    note: str | None = None
+    """One line for `validate` when the facts did not come from the model's own config."""
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
@@ -596,6 +608,87 @@ class ModelInfo:
         out["layer_windows"] = list(self.layer_windows)
         out["sliding_layers"] = list(self.sliding_layers)
         return out
+
+
+HUB_PROBE_TIMEOUT_S = 2.0
+"""How long `hub_unreachable_reason` waits for a TCP connect (DNS included) to the hub.
+transformers itself retries a dead hub for ~50 s per file; two seconds tell a working
+connection from none."""
+
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_hub_probe_cache: dict[tuple[str, int], str | None] = {}
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_address() -> tuple[str, int]:
+    """(host, port) that a hub request connects to first: the HTTPS proxy if one is set."""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+    parsed = urlparse(endpoint)
+    proxy_vars = (("HTTPS_PROXY", "https_proxy") if parsed.scheme == "https"
+                  else ("HTTP_PROXY", "http_proxy"))
+    proxy = next((os.environ[v] for v in proxy_vars if os.environ.get(v)), None)
+    if proxy:
+        p = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        return p.hostname or "", p.port or 3128
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _connect(host: str, port: int, timeout: float) -> str | None:
+    """None if a TCP connection to host:port opens within `timeout` (DNS included)."""
+    import socket
+    import threading
+
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
+
+    # getaddrinfo has no timeout of its own: a hanging resolver must not hang validate
+    worker = threading.Thread(target=attempt, name="rloop-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        return f"no answer within {timeout:g} s"
+    return outcome[0]
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the HF hub cannot be reached now (offline mode, no DNS, refused), or None.
+
+    One TCP connect per process and address, bounded by HUB_PROBE_TIMEOUT_S, so a
+    machine without network learns it in seconds instead of transformers' retry storm.
+    """
+    for name in _OFFLINE_ENV:
+        if _env_true(name):
+            return f"{name} is set"
+    host, port = _hub_address()
+    if not host:
+        return "no hub endpoint (HF_ENDPOINT has no host)"
+    key = (host, port)
+    if key not in _hub_probe_cache:
+        failure = _connect(host, port, HUB_PROBE_TIMEOUT_S)
+        _hub_probe_cache[key] = None if failure is None else (
+            f"cannot connect to {host}:{port} ({failure})")
+    return _hub_probe_cache[key]
+
+
+class _HubUnreadable(OSError):
+    """The hub id's config is neither cached nor readable from the hub now (why: str)."""
+
+
+def _how_to_proceed(name: str) -> str:
+    return (f"Run with --skip-model-check (checks only the grid), or download the model "
+            f"(`huggingface-cli download {name}`) or set `name_or_path` to a local folder "
+            "that holds its config.json")
 
 
 def _load_config(
@@ -615,15 +708,59 @@ def _load_config(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
-    return AutoConfig.from_pretrained(source.location, **kwargs)
+    if source.kind != "hub":
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    try:  # the local HF cache first: no network at all
+        return AutoConfig.from_pretrained(source.location, local_files_only=True, **kwargs)
+    except OSError:
+        logger.debug("%s: config not in the local HF cache", source.location)
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise _HubUnreadable(f"hub unreachable: {reason}")
+    try:
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except OSError as exc:  # gated, missing, or the connection dropped after the probe
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _HubUnreadable(f"the hub did not give the config: {first}") from exc
+
+
+def _info_from_known(name: str, source: ModelSource, why: str) -> ModelInfo:
+    from rloop_ray.engine.known_configs import known_config
+
+    known = known_config(source.location)
+    if known is None:
+        raise ModelConfigUnavailableError(
+            f"cannot read the config of {source.location!r}: {why}; it is not in the local "
+            f"HF cache nor in the shipped table of known configs. {_how_to_proceed(name)}."
+        )
+    return ModelInfo(
+        name=name, path=source.location, model_type=known.model_type,
+        architecture=known.architecture, n_layers=known.n_layers, n_heads=known.n_heads,
+        n_kv_heads=known.n_kv_heads, head_dim=known.head_dim, hidden_size=known.hidden_size,
+        vocab_size=known.vocab_size, max_position_embeddings=known.max_position_embeddings,
+        sliding_window=known.sliding_window, layer_windows=known.layer_windows,
+        supported=known.model_type in ARCHITECTURES,
+        intermediate_size=known.intermediate_size,
+        tie_word_embeddings=known.tie_word_embeddings, config_source="known_table",
+        note=f"config facts from the shipped table: {why}",
+    )
 
 
 def model_info(
     name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> ModelInfo:
-    """Layers, heads, windows etc. from the config only; never loads weights."""
+    """Layers, heads, windows etc. from the config only; never loads weights.
+
+    A hub id is read from the local HF cache first, then from the hub if a quick probe
+    reaches it, and otherwise from `known_configs.KNOWN_CONFIGS` (with a `note`), so an
+    offline machine answers in seconds. A hub id in none of them raises
+    ModelConfigUnavailableError saying how to proceed.
+    """
     source = resolve_model(name_or_path, build=False)
-    config = _load_config(source, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = _load_config(source, revision=revision, trust_remote_code=trust_remote_code)
+    except _HubUnreadable as exc:
+        return _info_from_known(name_or_path, source, str(exc))
     cfg = text_config(config)
     n_heads = int(cfg.num_attention_heads)
     hidden = int(cfg.hidden_size)
@@ -631,6 +768,10 @@ def model_info(
     slides = [w for w in windows if w is not None]
     architectures = getattr(config, "architectures", None) or []
     model_type = config.model_type if config.model_type in ARCHITECTURES else cfg.model_type
+    intermediate = getattr(cfg, "intermediate_size", None)
+    tied = getattr(cfg, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(config, "tie_word_embeddings", None)
     return ModelInfo(
         name=name_or_path,
         path=source.location,
@@ -646,7 +787,121 @@ def model_info(
         sliding_window=max(slides) if slides else None,
         layer_windows=windows,
         supported=model_type in ARCHITECTURES,
+        intermediate_size=int(intermediate) if isinstance(intermediate, int) else None,
+        tie_word_embeddings=bool(tied) if tied is not None else None,
     )
+
+
+# --------------------------------------------------------------------------- prompt lengths
+
+
+CHEAP_BUILTINS = frozenset({"tiny-llama", "tiny-mistral", "tiny-gemma3"})
+"""Builtins whose whole folder builds in about a second (random weights, local BPE), so
+the pre-flight may build them to read their tokenizer."""
+
+
+class TokenizerUnavailableError(RuntimeError):
+    """The model's tokenizer cannot be had cheaply (no download, no conversion); the
+    message says why, for the "lengths estimated" note."""
+
+
+class NoChatTemplateError(ValueError):
+    """The grid asks for a chat template (`chat_template: true`) that the tokenizer lacks:
+    every cell of the model would fail at encode time."""
+
+
+@dataclass(frozen=True)
+class PromptTokenizer:
+    """A model's tokenizer and whether prompts go through its chat template, as the engine
+    will encode them; `count(text)` is the prompt's length in the engine."""
+
+    tokenizer: Any
+    chat_template: bool
+    source: str
+    """Where the tokenizer came from, for messages."""
+
+    def encode(self, text: str) -> list[int]:
+        return encode_prompt(self.tokenizer, text, self.chat_template)
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+    """Prompt ids exactly as `Engine.tokenize` makes them (a test keeps the two equal):
+    one user turn with the generation prompt when `chat_template`, else the raw text
+    with the tokenizer's own special tokens (BOS)."""
+    if chat_template:
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _tokenizer_location(source: ModelSource) -> tuple[str, dict[str, Any]]:
+    """(folder or hub id, extra kwargs) to read the tokenizer from without downloading or
+    converting anything expensive; raises TokenizerUnavailableError otherwise."""
+    if source.kind == "builtin":
+        builtin = get_builtin(source.name)
+        folder = Path(source.location)
+        if _stamp_ok(folder, builtin):
+            return str(folder), {}
+        if source.name in CHEAP_BUILTINS:
+            return str(builtin_path(source.name)), {}
+        if source.name == "smollm2-135m":  # ~5 s: the tokenizer from the GGUF metadata
+            gguf = smollm2_gguf_path()
+            return str(gguf.parent), {"gguf_file": gguf.name}
+        raise TokenizerUnavailableError(
+            f"builtin {source.name!r} is not converted yet (its first use builds it)")
+    if source.kind == "local":
+        return source.location, {}
+    return source.location, {"local_files_only": True}
+
+
+def load_prompt_tokenizer(
+    name_or_path: str,
+    *,
+    chat_template: bool | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PromptTokenizer:
+    """The tokenizer the engine will use for `name_or_path`, if it is cheap to get.
+
+    Builtins come from their cache folder (tiny ones are built, SmolLM2's is read from
+    its GGUF), local folders from disk, hub ids from the local HF cache only: validate
+    never downloads. `chat_template=None` resolves like the engine's auto mode.
+    Raises TokenizerUnavailableError (why) when the tokenizer is not at hand, and
+    NoChatTemplateError when a chat template is asked for but the tokenizer has none.
+    """
+    try:
+        source = resolve_model(name_or_path, build=False)
+        location, extra = _tokenizer_location(source)
+    except UnknownModelError as exc:  # e.g. a builtin whose weights package is missing
+        raise TokenizerUnavailableError(str(exc)) from exc
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
+    if revision is not None and source.kind == "hub":
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if source.kind == "hub":
+            raise TokenizerUnavailableError("not in the local HF cache") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TokenizerUnavailableError(
+            f"cannot load it from {location}: {type(exc).__name__} {first}".rstrip()) from exc
+    use_template = (auto_chat_template(name_or_path, tokenizer) if chat_template is None
+                    else bool(chat_template))
+    if use_template and not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplateError(
+            f"the tokenizer of {name_or_path!r} has no chat template, but `chat_template: "
+            "true` asks for one: every cell would fail at encode time; set it to false "
+            "(raw text) or null (auto)")
+    what = f"tokenizer of {name_or_path}" + (", chat template" if use_template else "")
+    return PromptTokenizer(tokenizer, use_template, what)
 
 
 BASE_MODEL_BUILTINS = frozenset({"gemma3-270m"})

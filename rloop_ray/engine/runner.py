@@ -27,6 +27,7 @@ from rloop_ray.engine import attention
 from rloop_ray.engine.geometry import r_v, spectrum
 from rloop_ray.engine.hooks import hooks
 from rloop_ray.engine.interventions import (
+    PositionMap,
     matched_noise,
     mix_positions,
     permutation,
@@ -39,6 +40,7 @@ from rloop_ray.engine.types import (
     MODES,
     SITES,
     CellRequest,
+    Intervention,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,25 @@ _NOISE_SALT = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "resid": 4}
 
 class CellError(ValueError):
     """A cell that cannot run as specified; recorded as a failed row, never raised out."""
+
+
+class EmptyTokenSelection(CellError):
+    """A patch whose token spec selects no position to patch on this (target, source):
+    run anyway it would be a no-op recorded as `ok`, indistinguishable from a real null
+    effect, so it is a failed cell with `error_type="EmptyTokenSelection"` instead."""
+
+
+def _require_positions(pmap: PositionMap, iv: Intervention, target_len: int,
+                       source_len: int) -> None:
+    if pmap.target:
+        return
+    selected = "selects no position" if not pmap.n_unmatched else (
+        f"selects {pmap.n_unmatched} position(s) with no aligned source position "
+        f"(align {iv.align!r})")
+    raise EmptyTokenSelection(
+        f"token spec {iv.tokens!r} {selected} on a target prefill of {target_len} "
+        f"positions (source prefill {source_len}): the {iv.control!r} cell would patch "
+        "nothing and equal the natural run; use a spec that fits the prompt")
 
 
 @dataclass
@@ -428,6 +449,7 @@ class Engine:
                                        or len(layers) == self.n_layers)
         else:
             pmap = position_map(iv.tokens, iv.align, target.prefill_len, source.prefill_len)
+            _require_positions(pmap, iv, target.prefill_len, source.prefill_len)
             for layer in layers:
                 if touch_k:
                     keys[layer] = mix_positions(keys[layer], src_k[layer], pmap, iv.alpha, dim=1)
@@ -479,6 +501,7 @@ class Engine:
             source = sources[id(req)]
             layers = resolve_layers(iv.layers, self.n_layers)
             pmap = position_map(iv.tokens, iv.align, target.prefill_len, source.prefill_len)
+            _require_positions(pmap, iv, target.prefill_len, source.prefill_len)
             plans.append((set(layers), pmap, float(iv.alpha), source, iv.control,
                           iv.control_seed, _PREFILL_MODULES[iv.site]))
             meta = self._base_meta(req, target)
