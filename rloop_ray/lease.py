@@ -149,8 +149,10 @@ class SweepLease:
             raise LeaseError(f"{self.where}: {holder} took the lease at the same time")
         self.took_over = current
         if current is not None:
-            log.warning("took over the lease of %s from %s, whose heartbeat expired",
-                        self.where, current.describe())
+            why = ("its process is gone" if current.age() <= current.ttl_seconds
+                   else "its heartbeat expired")
+            log.warning("took over the lease of %s from %s: %s", self.where,
+                        current.describe(), why)
         else:
             log.warning("replaced an unreadable lock file in %s", self.where)
         self._acquired_at = mine.acquired_at

@@ -691,6 +691,11 @@ class ResultStore:
     def _resume(self, spec: Mapping[str, Any], plan: Plan | None,
                 prompts: Mapping[str, str] | None, digest: str, extend: bool) -> dict[str, Any]:
         manifest = self.read_manifest()
+        damaged = self.damaged_files()
+        if damaged:  # refused before anything starts, not after the workers loaded
+            path, reason = damaged[0]
+            more = f" (and {len(damaged) - 1} more damaged files)" if len(damaged) > 1 else ""
+            raise DamagedFileError(path, reason + more, sweep=self.uri)
         old = self.read_plan()
         if plan is None or old is None:
             # Library use without a plan, or a sweep that never started: the spec hash guards.
@@ -730,9 +735,9 @@ class ResultStore:
             new_prompts=prompts or {},
         )
         what = "\n  ".join(lines) if lines else "(the spec hash differs)"
-        if extend and change is not None and change.n_removed:
-            how = ("--extend only adds cells; planned cells that the grid no longer makes "
-                   "would be orphaned. ")
+        if change is not None and change.n_removed:
+            how = ("--extend only adds cells, and here planned cells that the grid no longer "
+                   "makes would be orphaned. ")
         else:
             how = ("--extend adds the new cells to this sweep when no planned cell is "
                    "removed; ")

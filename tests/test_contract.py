@@ -299,10 +299,12 @@ def test_damage_is_named_and_repair_then_resume_finishes_exactly_once(
     else:
         bad = sweep / "manifest.json"
         bad.write_text(bad.read_text()[:100])
-    for command in (["status", str(sweep)], sweep_args(grid, res, "--resume")):
+    for command in (["status", str(sweep)], ["stats", str(sweep)],
+                    sweep_args(grid, res, "--resume")):
         out = invoke(*command)
         assert out.exit_code == 2, out.output
         assert str(bad) in out.output and "rloop-ray repair" in out.output
+        assert "cells in" not in out.output  # refused before the run is announced
     fixed = invoke("repair", str(sweep))
     assert fixed.exit_code == 0, fixed.output
     assert list((sweep / "quarantine").iterdir()) and not bad.exists() or damage == "torn_manifest"
