@@ -49,10 +49,12 @@ def sweep_seconds(grid_path: str, model: str, backend: str, out: Path
     results = rloop_ray.run(grid_path, model=model, results=out, backend=backend,
                             progress=False)
     wall = time.perf_counter() - t0
+    import pandas as pd
+
     run = results.manifest["runs"][-1]
-    load = sum(w.get("load_seconds") or 0.0 for w in run.get("workers", []))
-    compute = results.sweep.seconds - load
+    ready = min(pd.Timestamp(w["ready_at"]) for w in run["workers"])
     cells = results.cells.set_index("cell_id")
+    compute = (pd.Timestamp(cells["finished_at"].max()) - ready).total_seconds()
     grid = load_grid_like(grid_path, [model])
     return compute, wall, [list(cells.loc[c.cell_id, "generated_ids"]) for c in grid.cells]
 

@@ -1,6 +1,7 @@
 """rloop-ray: exact, resumable sweeps of KV-cache and activation interventions on Ray.
 
-`rloop_ray.run(grid)` runs a sweep and `rloop_ray.load(path)` reads one back (see
+`rloop_ray.run(grid)` runs a sweep, `rloop_ray.load(path)` reads one back and
+`rloop_ray.replicas(model, n)` serves encode / patch / generate from Ray actors (see
 docs/python.md). They are imported on first use, so `import rloop_ray` stays instant.
 """
 
@@ -10,10 +11,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Results", "load", "run"]
+__all__ = ["ReplicaPool", "Results", "load", "replicas", "run"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("ReplicaPool", "replicas"):
+        from rloop_ray import replicas as _replicas
+
+        return getattr(_replicas, name)
     if name in __all__:
         from rloop_ray import api
 

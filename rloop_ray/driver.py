@@ -45,7 +45,13 @@ from rloop_ray.vocab import (
     SWEEP_INTERRUPTED,
     SWEEP_PARTIAL,
 )
-from rloop_ray.worker import EngineFactory, ModelWorker, failed_rows, remote_worker
+from rloop_ray.worker import (
+    VERBOSE_ENV,
+    EngineFactory,
+    ModelWorker,
+    failed_rows,
+    remote_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,7 @@ class DriverConfig:
     max_unit_attempts: int = 3  # worker deaths a unit may be part of before it is failed
     max_restarts: int = 3  # Ray-level restarts of a dead actor process
     retry_failed: bool = True  # a resume re-runs cells recorded as failed
-    progress: bool | None = None  # None: a tqdm bar on a TTY unless CI is set
+    progress: bool | None = None  # None: a live display on a TTY unless CI is set
     log_every: float = 30.0  # seconds between progress log lines when there is no bar
     handle_sigint: bool = True  # first Ctrl-C/SIGTERM stops dispatching and flushes
     pack_cells: int = 1  # merge small units of one model into tasks of up to this many cells
@@ -151,6 +157,49 @@ class SweepResult:
 # -- Ray session -----------------------------------------------------------------------------
 
 
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Ray's logger of "Token authentication is enabled for this Ray cluster": a notice about
+the cluster Ray starts, repeated on every run, which says nothing about the sweep."""
+
+
+def verbose_logging() -> bool:
+    """Whether rloop-ray logs at DEBUG (`--verbose`): then library and worker noise shows."""
+    return logging.getLogger("rloop_ray").isEnabledFor(logging.DEBUG)
+
+
+def interactive() -> bool:
+    """A terminal a person watches: stderr is a TTY and this is not CI."""
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return sys.stderr.isatty() and not ci
+
+
+@contextlib.contextmanager
+def _quiet_ray_notices(quiet: bool) -> Iterator[None]:
+    """Keep Ray's start-up notices (auth token, "Started a local Ray instance") out."""
+    if not quiet:
+        yield
+        return
+    auth = logging.getLogger(_RAY_AUTH_LOGGER)
+    saved = auth.level
+    auth.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        auth.setLevel(saved)
+
+
+@contextlib.contextmanager
+def _status(text: str, show: bool) -> Iterator[None]:
+    """A transient spinner line while Ray starts (the progress display's first phase)."""
+    if not show:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text, spinner="dots"):
+        yield
+
+
 @contextlib.contextmanager
 def ray_session(
     address: str | None = None,
@@ -163,13 +212,22 @@ def ray_session(
     No `address`: start an embedded local cluster (no dashboard; sized by num_cpus/num_gpus
     if given) and shut it down at the end. `auto` or `ray://...`: join an existing cluster
     and leave it running. An already initialised Ray (tests, notebooks) is used as is.
+
+    Unless rloop-ray logs at DEBUG (`--verbose`), Ray's own notices and the workers' output
+    stay out of the driver's terminal: workers report errors as rows and Ray's errors
+    reach the driver as exceptions, so what is forwarded is noise (library warnings, model
+    loading bars, colour codes); Ray keeps it under its session's `logs/` folder. When it
+    is forwarded to something that is not a terminal, it comes without ANSI colour codes.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    verbose = verbose_logging()
+    kwargs: dict[str, Any] = {"log_to_driver": verbose}
+    if not verbose:
+        kwargs["logging_level"] = logging.WARNING
     if address:
         kwargs["address"] = address
     else:
@@ -178,11 +236,25 @@ def ray_session(
             kwargs["num_cpus"] = int(num_cpus)
         if num_gpus is not None:
             kwargs["num_gpus"] = int(num_gpus)
-    ray.init(**kwargs)
+        if verbose:
+            kwargs["runtime_env"] = {"env_vars": {VERBOSE_ENV: "1"}}
+    colour = os.environ.get("RAY_COLOR_PREFIX")
+    if not sys.stderr.isatty():
+        os.environ["RAY_COLOR_PREFIX"] = "0"  # read by Ray's log printer at every line
+    t0 = time.monotonic()
     try:
+        with _quiet_ray_notices(not verbose), _status(
+                "starting Ray" if not address else f"joining Ray at {address}", interactive()):
+            ray.init(**kwargs)
+        log.info("Ray %s in %.1fs", "joined" if address else "started", time.monotonic() - t0)
         yield
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+        if colour is None:
+            os.environ.pop("RAY_COLOR_PREFIX", None)
+        else:
+            os.environ["RAY_COLOR_PREFIX"] = colour
 
 
 # -- internals ------------------------------------------------------------------------------
@@ -284,12 +356,37 @@ def _worker_cpus(config: DriverConfig, use_gpus: bool, nodes: Sequence[Mapping[s
 def _progress_enabled(config: DriverConfig) -> bool:
     if config.progress is not None:
         return config.progress
-    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    return sys.stderr.isatty() and not ci
+    return interactive()
+
+
+@contextlib.contextmanager
+def _logging_through(stream: Any) -> Iterator[None]:
+    """Point the root logger's console handlers at `stream` for a while.
+
+    A handler keeps the stderr it was created with; while the live display redraws its line,
+    log records must go through the display's stream (printed above it, not over it).
+    """
+    moved = []
+    for handler in logging.getLogger().handlers:
+        if (isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler)
+                and handler.stream in (sys.__stderr__, sys.__stdout__)):
+            moved.append((handler, handler.setStream(stream)))
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            handler.setStream(previous)
 
 
 class _Progress:
-    """tqdm on a TTY, otherwise a log line every `log_every` seconds."""
+    """The run as it goes: one live line on a terminal, log lines elsewhere.
+
+    On a terminal (rich): the phase (`loading <model>`, `running <model>`, `writing`), a
+    bar of cells done out of the sweep's planned cells, failures, rate, elapsed time and
+    ETA, redrawn in place; log records print above it. Elsewhere (CI, a log file, `ray job
+    logs`): a log line at every phase and every `log_every` seconds.
+    """
 
     def __init__(self, total: int, initial: int, enabled: bool, log_every: float) -> None:
         self.total = total
@@ -299,23 +396,57 @@ class _Progress:
         self.t0 = time.monotonic()
         self.last_log = self.t0
         self.log_every = log_every
-        self.bar = None
+        self.phase_text = "starting"
+        self.bar: Any = None
+        self._task: Any = None
         self._redirect: contextlib.ExitStack | None = None
         if enabled:
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = tqdm(total=total, initial=initial, unit="cell", dynamic_ncols=True)
-            self._redirect = contextlib.ExitStack()  # log lines above the bar, not through it
-            self._redirect.enter_context(logging_redirect_tqdm())
+            self.bar = Progress(
+                SpinnerColumn(), TextColumn("{task.description:<24}"), BarColumn(),
+                MofNCompleteColumn(), TextColumn("cells{task.fields[extra]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._task = self.bar.add_task(self.phase_text, total=total, completed=initial,
+                                           extra="")
+            self.bar.start()
+            self._redirect = contextlib.ExitStack()
+            self._redirect.enter_context(_logging_through(sys.stderr))  # rich's proxy now
+
+    def phase(self, text: str) -> None:
+        """What the run is doing now; shown on the live line, or logged once."""
+        if text == self.phase_text:
+            return
+        self.phase_text = text
+        if self.bar is not None:
+            self.bar.update(self._task, description=text)
+        else:
+            log.info("%s", text)
+
+    def _extra(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+        parts = [f"{rate:.1f} cells/s"] if self.done > self.initial else []
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        return "".join(f" \u00b7 {p}" for p in parts)
 
     def update(self, n_ok: int, n_failed: int) -> None:
         self.done += n_ok + n_failed
         self.failed += n_failed
         if self.bar is not None:
-            self.bar.update(n_ok + n_failed)
-            if n_failed:
-                self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(self._task, advance=n_ok + n_failed, extra=self._extra())
             return
         now = time.monotonic()
         if now - self.last_log >= self.log_every:
@@ -338,11 +469,14 @@ class _Progress:
             self.failed,
         )
 
-    def close(self) -> None:
+    def close(self, status: str = "done") -> None:
+        """Leave the final line (the status, cells done) on the terminal, or log it."""
         if self.bar is not None:
-            self.bar.close()
+            self.bar.update(self._task, description=status, extra=self._extra())
+            self.bar.stop()
             if self._redirect is not None:
                 self._redirect.close()
+            self.bar = None
         else:
             self.log()
 
@@ -452,17 +586,20 @@ class _Run:
         splitting; a model that cannot load is a `DriverError` like a worker that never
         started.
         """
+        self.progress.phase(f"loading {model}")
         try:
             worker = ModelWorker(self.engine_factory, model, 0)
         except Exception as exc:  # noqa: BLE001  (any load failure ends this model's run)
             raise DriverError(f"model {model} could not load: {type(exc).__name__}: {exc}"
                               ) from exc
+        self.progress.phase(f"running {model}")
         info = worker.ready()
         self.engines.setdefault(model, info["engine"])
         if info.get("max_batch_size"):
             self.engine_batch.setdefault(model, int(info["max_batch_size"]))
         keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
-        self.workers.append({"model": model, **{k: info.get(k) for k in keys}})
+        self.workers.append({"model": model, "ready_at": now_utc(),
+                             **{k: info.get(k) for k in keys}})
         queue: deque[_Task] = deque(tasks)
         while queue and not self.latch.stop:
             task = queue.popleft()
@@ -498,8 +635,10 @@ class _Run:
         pending: dict[Any, tuple[str, _Worker, _Task | None]] = {}
         for w in workers:
             pending[w.handle.ready.remote()] = ("ready", w, None)
-        log.info("model %s: starting %d workers (%s CPUs each) for %d tasks", model, n_workers,
-                 f"{cpus:g}", len(tasks))
+        log.info("model %s: %d cells in %d tasks on %d replica%s (%s CPUs each)", model,
+                 sum(len(t.requests) for t in tasks), len(tasks), n_workers,
+                 "" if n_workers == 1 else "s", f"{cpus:g}")
+        self.progress.phase(f"loading {model}")
 
         def submit(w: _Worker, t: _Task) -> Any:
             return w.handle.run_unit.remote(t.requests, t.attempt, t.max_batch_size)
@@ -674,11 +813,13 @@ class _Run:
         if kind == "probe":
             log.info("worker %s is back (pid %s)", info["worker"], info["pid"])
         else:
+            self.progress.phase(f"running {model}")
             self.engines.setdefault(model, info["engine"])
             if info.get("max_batch_size"):
                 self.engine_batch.setdefault(model, int(info["max_batch_size"]))
             keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
-            self.workers.append({"model": model, **{k: info.get(k) for k in keys}})
+            self.workers.append({"model": model, "ready_at": now_utc(),
+                             **{k: info.get(k) for k in keys}})
             log.info(
                 "worker %s ready on node %s, accelerators %s (load %.1fs)",
                 info["worker"],
@@ -800,6 +941,7 @@ def run_sweep(
         if unknown:
             raise ValueError(f"models {sorted(unknown)} are not in the grid")
     tasks, planned, coords = _plan(units, to_requests, skip, prior, models)
+    units_to_run = sum(len(ts) for ts in tasks.values())  # one task per unit before packing
     tasks = {m: _pack(ts, cfg.pack_cells) for m, ts in tasks.items()}
     total = sum(planned.values())
     already = sum(1 for u in units for c in u.cells if c.cell_id in skip)
@@ -843,12 +985,16 @@ def run_sweep(
             **cluster,
         )
         log.info(
-            "sweep %s: %d cells planned, %d already done, %d to run in %d units",
+            "sweep %s: %d cells planned in %d units, %d already done, %d to run "
+            "(%d units, packed into %d tasks of up to %d cells)",
             store.name,
             total,
+            len(units),
             already,
             to_run,
+            units_to_run,
             sum(len(t) for t in tasks.values()),
+            max(1, cfg.pack_cells),
         )
         latch = stack.enter_context(_SigintLatch(cfg.handle_sigint))
         progress = _Progress(total, already, _progress_enabled(cfg), cfg.log_every)
@@ -881,7 +1027,7 @@ def run_sweep(
             status = SWEEP_FAILED
             log.error("%s", exc)
         finally:
-            progress.close()
+            progress.phase("writing")
             try:
                 if write_error is None:
                     run.flush()
@@ -889,6 +1035,8 @@ def run_sweep(
                 write_error = exc
                 status = SWEEP_FAILED
             finally:
+                progress.close("interrupted" if status == SWEEP_INTERRUPTED else
+                               "write failed" if write_error is not None else "done")
                 lost = run.writer.discard()
                 remaining = to_run - run.ok - len(run.failed_ids) + lost
                 if status == SWEEP_COMPLETE and (run.failed_ids or remaining or run.errors):
@@ -923,7 +1071,7 @@ def run_sweep(
                     write_error = write_error or exc
     if write_error is not None:
         raise write_error
-    log.info("%s", result.message)
+    log.debug("%s", result.message)  # the caller reports it (the CLI prints it once)
     return result
 
 
