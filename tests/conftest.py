@@ -37,3 +37,18 @@ def tiny_mistral_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gemma3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the builtin `tiny-gemma3` (sliding/full layers), built in a session temp cache."""
     return _build_tiny(tmp_path_factory, "tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray cluster with 2 logical CPUs for one test module, shut down after it."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -31,18 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 N_CELLS = 10  # the grid below: 2 natural cells + 2 pairs x 2 layer specs x 2 alphas
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 FAIL_CELLS: list[str] = []
 
 
@@ -107,7 +95,7 @@ def rows_per_cell(store: ResultStore) -> dict[str, int]:
 
 @pytest.mark.ray
 def test_edited_prompt_makes_resume_refuse_with_the_change_in_words(
-        ray_cluster, null_engine, tmp_path, bank):
+        ray_local, null_engine, tmp_path, bank):
     grid = write_grid(tmp_path / "g.yaml", bank)
     res = tmp_path / "res"
     first = invoke(*sweep_args(grid, res))
@@ -157,7 +145,7 @@ def test_rows_outside_the_plan_are_excluded_and_reported(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_folder_without_manifest_is_never_adopted(ray_cluster, null_engine, tmp_path, bank):
+def test_a_folder_without_manifest_is_never_adopted(ray_local, null_engine, tmp_path, bank):
     grid = write_grid(tmp_path / "g.yaml", bank)
     res = tmp_path / "res"
     assert invoke(*sweep_args(grid, res)).exit_code == 0
@@ -173,7 +161,7 @@ def test_a_folder_without_manifest_is_never_adopted(ray_cluster, null_engine, tm
 
 @pytest.mark.ray
 def test_extend_adds_cells_and_adding_a_model_needs_no_flag(
-        ray_cluster, null_engine, tmp_path, bank):
+        ray_local, null_engine, tmp_path, bank):
     grid = write_grid(tmp_path / "g.yaml", bank)
     res = tmp_path / "res"
     assert invoke(*sweep_args(grid, res)).exit_code == 0
@@ -282,7 +270,7 @@ def test_model_checks_run_before_ray_starts_and_nothing_is_written(
 @pytest.mark.ray
 @pytest.mark.parametrize("damage", ["truncated_shard", "foreign_parquet", "torn_manifest"])
 def test_damage_is_named_and_repair_then_resume_finishes_exactly_once(
-        ray_cluster, null_engine, tmp_path, bank, damage):
+        ray_local, null_engine, tmp_path, bank, damage):
     grid = write_grid(tmp_path / "g.yaml", bank)
     res = tmp_path / "res"
     assert invoke(*sweep_args(grid, res, "--shard-rows", "5")).exit_code == 0
@@ -319,7 +307,7 @@ def test_damage_is_named_and_repair_then_resume_finishes_exactly_once(
 
 
 @pytest.mark.ray
-def test_no_retry_failed_with_failures_left_is_incomplete(ray_cluster, null_engine, tmp_path,
+def test_no_retry_failed_with_failures_left_is_incomplete(ray_local, null_engine, tmp_path,
                                                           bank):
     grid = write_grid(tmp_path / "g.yaml", bank)
     res = tmp_path / "res"
@@ -338,7 +326,7 @@ def test_no_retry_failed_with_failures_left_is_incomplete(ray_cluster, null_engi
 
 @pytest.mark.ray
 def test_a_failed_write_exits_2_with_the_path_and_resume_loses_nothing(
-        ray_cluster, null_engine, tmp_path, bank, monkeypatch):
+        ray_local, null_engine, tmp_path, bank, monkeypatch):
     grid = write_grid(tmp_path / "g.yaml", bank)
     res = tmp_path / "res"
 

@@ -161,20 +161,8 @@ def test_progress_bar_only_on_a_tty_outside_ci(monkeypatch):
 # -- on real local Ray ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
-def test_every_cell_once_in_few_shards(ray_cluster, tmp_path):
+def test_every_cell_once_in_few_shards(ray_local, tmp_path):
     store = fresh_store(tmp_path)
     units = make_units(300, 10, models=("m1", "m2"))
     result = run_sweep(units, store, NullEngineFactory(), to_requests, CFG)
@@ -197,7 +185,7 @@ def test_every_cell_once_in_few_shards(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_resume_runs_only_missing_cells(ray_cluster, tmp_path):
+def test_resume_runs_only_missing_cells(ray_local, tmp_path):
     store = fresh_store(tmp_path)
     units = make_units(60, 10)
     pre = [
@@ -215,7 +203,7 @@ def test_resume_runs_only_missing_cells(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_failed_cells_are_retried_on_resume_unless_told_not_to(ray_cluster, tmp_path):
+def test_failed_cells_are_retried_on_resume_unless_told_not_to(ray_local, tmp_path):
     store = fresh_store(tmp_path)
     units = make_units(40, 10)
     bad = ["m-c00003", "m-c00031"]
@@ -243,7 +231,7 @@ def test_failed_cells_are_retried_on_resume_unless_told_not_to(ray_cluster, tmp_
 
 
 @pytest.mark.ray
-def test_ctrl_c_flushes_marks_interrupted_and_resumes(ray_cluster, tmp_path):
+def test_ctrl_c_flushes_marks_interrupted_and_resumes(ray_local, tmp_path):
     store = fresh_store(tmp_path)
     units = make_units(300, 10)
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
@@ -268,7 +256,7 @@ def test_ctrl_c_flushes_marks_interrupted_and_resumes(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_cli_sweep_and_status_on_a_real_grid(ray_cluster, tmp_path, monkeypatch):
+def test_cli_sweep_and_status_on_a_real_grid(ray_local, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import rloop_ray.worker

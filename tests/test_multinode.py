@@ -26,9 +26,9 @@ from rloop_ray.driver import (
     DriverError,
     SweepResult,
     _default_workers,
-    _worker_cpus,
     _node_resources,
     _replica_slots,
+    _worker_cpus,
     run_sweep,
 )
 from rloop_ray.null_engine import NullEngineFactory, synthetic_requests, synthetic_units

@@ -153,18 +153,6 @@ def test_subtree_filesystem_store_is_readable_by_plain_path(tmp_path):
 # -- sweeps on a URI store, on real local Ray ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_interrupted_sweep_on_an_object_store_resumes_exactly_once(ray_local):
     import signal
