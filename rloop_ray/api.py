@@ -99,22 +99,26 @@ class SweepJob:
     address: str | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
+    derive: bool = True
 
     def run(self) -> SweepResult:
         """Run the cells not done yet; the lease is released whatever happens."""
         from rloop_ray import worker
+        from rloop_ray.derive import Derivations, plan_derivations
         from rloop_ray.driver import ray_session, run_sweep
 
         texts = self.grid.prompt_texts()
         factory = worker.SpecEngineFactory(engine_models(self.grid))
+        derivations = plan_derivations(self.grid.cells) if self.derive else Derivations()
         try:
             if self.backend == BACKEND_RAY:
                 with ray_session(self.address, num_cpus=self.num_cpus, num_gpus=self.num_gpus):
                     return run_sweep(self.grid.units, self.store, factory,
-                                     lambda unit: unit.requests(texts), self.config)
+                                     lambda unit: unit.requests(texts), self.config,
+                                     derivations=derivations)
             return run_sweep(self.grid.units, self.store, factory,
                              lambda unit: unit.requests(texts), self.config,
-                             backend=self.backend)
+                             backend=self.backend, derivations=derivations)
         finally:
             self.close()
 
@@ -144,12 +148,15 @@ def prepare_sweep(
     lease_seconds: float = 60.0,
     progress: bool | None = None,
     handle_sigint: bool = True,
+    derive: bool = True,
 ) -> SweepJob:
     """Every check, the lease and the store's plan guard; nothing runs yet.
 
     Raises before anything is written when the grid is invalid on any model
     (`SpecValidationError`), and before any cell runs when the store refuses (a changed
-    plan, another driver, a damaged file: `StoreError`, `LeaseError`).
+    plan, another driver, a damaged file: `StoreError`, `LeaseError`). `derive`: write
+    cells that are natural by construction as copies of their natural twin, decoding a
+    seeded 10% of them as sentinels (`derive.py`); `False` decodes every cell.
     """
     import _thread
 
@@ -205,7 +212,7 @@ def prepare_sweep(
         handle_sigint=handle_sigint,
     )
     return SweepJob(built, store, config, lease, backend=backend, address=address,
-                    num_cpus=num_cpus, num_gpus=num_gpus)
+                    num_cpus=num_cpus, num_gpus=num_gpus, derive=derive)
 
 
 def run(

@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
 
+from rloop_ray.derive import SENTINEL_MISMATCH, Derivations, check_sentinel, derived_row
 from rloop_ray.engine.types import CellRequest
 from rloop_ray.plan import Plan
 from rloop_ray.store import ResultStore, StoreError, StoreWriteError, now_utc
@@ -542,19 +543,83 @@ class _Run:
         self.engine_batch: dict[str, int] = {}  # model -> the engine's own max batch size
         self.writer = store.writer(shard_rows=config.shard_rows,
                                    shard_seconds=config.shard_seconds)
+        self.derive_setup(Derivations(), {})
 
     # -- rows and shards ----------------------------------------------------------------
 
-    def accept(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Buffer a unit's rows; a cell id already written in this run is dropped."""
+    def derive_setup(self, derive: Derivations, deferred: dict[str, _Task]) -> None:
+        """Cells to copy from their natural twin; twins already done are read from the store."""
+        self.derive = derive
+        self.deferred = deferred
+        self.dependents = {t: [c for c in cs if c in deferred]
+                           for t, cs in derive.dependents().items()}
+        self.twin_rows: dict[str, dict[str, Any]] = {}
+        self.parked: dict[str, list[dict[str, Any]]] = {}  # twin id -> sentinel rows waiting
+        wanted = sorted({*self.dependents, *derive.sentinels.values()})
+        if wanted and (deferred or derive.sentinels):
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            done = self.store.read_cells()
+            if done.num_rows:
+                mask = pc.is_in(done["cell_id"], value_set=pa.array(wanted, pa.string()))
+                for row in done.filter(mask).to_pylist():
+                    if row["status"] == STATUS_OK:
+                        self.twin_rows[row["cell_id"]] = row
+        for twin, row in list(self.twin_rows.items()):
+            self._deliver(twin, row)
+
+    def _deliver(self, twin: str, row: dict[str, Any]) -> None:
+        """A natural twin's ok row is here: write its dependents and check its sentinels."""
+        copies = [derived_row(row, self.coords[c], twin, now_utc())
+                  for c in self.dependents.pop(twin, []) if c not in self.written]
+        for c in copies:
+            self.deferred.pop(c["cell_id"], None)
+        waiting = [check_sentinel(s, row) for s in self.parked.pop(twin, [])]
+        if copies or waiting:
+            self.accept([*copies, *waiting], checked=True)
+
+    def undeliverable(self, model: str) -> list[_Task]:
+        """Derived cells of `model` whose twin never produced an ok row: decode them."""
+        for twin, rows in list(self.parked.items()):  # sentinels without a twin: as they are
+            if rows and rows[0].get("model") == model:
+                self.accept(self.parked.pop(twin), checked=True)
+        left = [t for t in self.deferred.values() if t.model == model]
+        for t in left:
+            self.deferred.pop(t.requests[0].cell_id)
+        if left:
+            log.warning("model %s: %d cells natural by construction lost their natural twin "
+                        "(failed); decoding them", model, len(left))
+        return _pack(left, self.config.pack_cells)
+
+    def accept(self, rows: Iterable[dict[str, Any]], *, checked: bool = False) -> None:
+        """Buffer a unit's rows; a cell id already written in this run is dropped.
+
+        A sentinel's row waits for its natural twin's (and fails if their tokens differ);
+        a natural twin's ok row releases the rows copied from it.
+        """
         n_ok = n_failed = 0
+        arrived: list[tuple[str, dict[str, Any]]] = []
         for row in rows:
             cid = row["cell_id"]
             if cid in self.written:
                 log.debug("dropping duplicate row for cell %s", cid)
                 continue
+            twin = self.derive.sentinels.get(cid)
+            if twin is not None and not checked:
+                if twin in self.twin_rows:
+                    row = check_sentinel(row, self.twin_rows[twin])
+                else:
+                    self.parked.setdefault(twin, []).append({**row, **self.coords[cid]})
+                    continue
             self.written.add(cid)
             full = {**row, **self.coords[cid]}  # grid coordinates are authoritative
+            if full.get("error_type") == SENTINEL_MISMATCH:
+                log.error("cell %s: %s", cid, full.get("error"))
+            if cid in self.dependents or cid in self.derive.sentinels.values():
+                if full.get("status") == STATUS_OK:
+                    self.twin_rows[cid] = full
+                    arrived.append((cid, full))
             self.writer.add(full)
             if full.get("status") == STATUS_OK:
                 n_ok += 1
@@ -563,6 +628,8 @@ class _Run:
                 self.failed_ids.append(cid)
         self.ok += n_ok
         self.progress.update(n_ok, n_failed)
+        for twin, row in arrived:
+            self._deliver(twin, row)
 
     def maybe_flush(self) -> None:
         self.writer.maybe_flush()
@@ -843,11 +910,16 @@ def _plan(
     skip: set[str],
     prior_attempts: Mapping[str, int],
     models: Collection[str] | None = None,
-) -> tuple[dict[str, list[_Task]], dict[str, int], dict[str, dict[str, Any]]]:
+    defer: Collection[str] = (),
+) -> tuple[dict[str, list[_Task]], dict[str, int], dict[str, dict[str, Any]],
+           dict[str, _Task]]:
     """Units -> tasks of only the cells still to run, per model, in the units' order.
 
     Units of models outside `models` count in the plan (the manifest's planned cells, which
-    `status` reports) but get no tasks."""
+    `status` reports) but get no tasks. Cells in `defer` (derived from a natural twin) get
+    coordinates but no task; their one-cell tasks are returned apart, to run only if the
+    twin's row cannot be had."""
+    deferred: dict[str, _Task] = {}
     tasks: dict[str, list[_Task]] = {}
     planned: dict[str, int] = {}
     coords: dict[str, dict[str, Any]] = {}
@@ -874,8 +946,14 @@ def _plan(
             c["unit_id"] = unit.unit_id
             coords[cid] = c
         attempt = 1 + max((prior_attempts.get(cid, 0) for cid in todo), default=0)
-        tasks.setdefault(unit.model, []).append(_Task(unit.unit_id, unit.model, requests, attempt))
-    return tasks, planned, coords
+        for req in [r for r in requests if r.cell_id in defer]:
+            deferred[req.cell_id] = _Task(unit.unit_id, unit.model, [req],
+                                          1 + prior_attempts.get(req.cell_id, 0))
+        requests = [r for r in requests if r.cell_id not in defer]
+        if requests:
+            tasks.setdefault(unit.model, []).append(
+                _Task(unit.unit_id, unit.model, requests, attempt))
+    return tasks, planned, coords, deferred
 
 
 def _pack(tasks: list[_Task], pack_cells: int) -> list[_Task]:
@@ -911,6 +989,7 @@ def run_sweep(
     *,
     models: Collection[str] | None = None,
     backend: str = BACKEND_RAY,
+    derivations: Derivations | None = None,
 ) -> SweepResult:
     """Run every cell of `units` not yet done in `store`; resumable at any point.
 
@@ -918,8 +997,10 @@ def run_sweep(
     started here (`ray_session`), models one after another, each on its own set of
     workers. `backend="local"`: one replica per model in this process, no Ray, the same
     store and exactly-once semantics (notebooks, debugging, one machine). `models`
-    restricts the run to some models (the others stay planned, not run). Returns a
-    `SweepResult`; its `exit_code` is what the CLI exits with (0, 1, 130).
+    restricts the run to some models (the others stay planned, not run). `derivations`
+    (`derive.plan_derivations`): cells written as copies of their natural twin instead of
+    decoded, and the sentinels checked against it. Returns a `SweepResult`; its
+    `exit_code` is what the CLI exits with (0, 1, 130).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -940,7 +1021,9 @@ def run_sweep(
         unknown = set(models) - {u.model for u in units}
         if unknown:
             raise ValueError(f"models {sorted(unknown)} are not in the grid")
-    tasks, planned, coords = _plan(units, to_requests, skip, prior, models)
+    derive = derivations or Derivations()
+    tasks, planned, coords, deferred = _plan(units, to_requests, skip, prior, models,
+                                             defer=set(derive.derived))
     units_to_run = sum(len(ts) for ts in tasks.values())  # one task per unit before packing
     tasks = {m: _pack(ts, cfg.pack_cells) for m, ts in tasks.items()}
     total = sum(planned.values())
@@ -952,7 +1035,7 @@ def run_sweep(
         for c in u.cells
         if c.cell_id not in skip
     )
-    to_run = sum(len(t.requests) for ts in tasks.values() for t in ts)
+    to_run = sum(len(t.requests) for ts in tasks.values() for t in ts) + len(deferred)
 
     with contextlib.ExitStack() as stack:
         use_gpus = False
@@ -999,21 +1082,31 @@ def run_sweep(
         latch = stack.enter_context(_SigintLatch(cfg.handle_sigint))
         progress = _Progress(total, already, _progress_enabled(cfg), cfg.log_every)
         run = _Run(store, engine_factory, cfg, coords, progress, latch)
+        run.derive_setup(derive, deferred)
         status = SWEEP_FAILED
         write_error: StoreWriteError | None = None
         try:
-            for model, model_tasks in tasks.items():
+            for model in {**tasks, **{t.model: [] for t in deferred.values()}}:
+                model_tasks = tasks.get(model, [])
                 if latch.stop:
                     break
                 try:
-                    if backend == BACKEND_LOCAL:
-                        run.run_model_local(model, model_tasks)
-                    else:
-                        nodes = _node_resources()  # nodes that joined since the last count
-                        n_workers = min(_default_workers(cfg, use_gpus, nodes),
-                                        len(model_tasks))
-                        cpus = _worker_cpus(cfg, use_gpus, nodes, n_workers)
-                        run.run_model(model, model_tasks, n_workers, use_gpus, cpus)
+                    # a second pass decodes derived cells whose natural twin failed
+                    for pass_tasks in (model_tasks, None):
+                        if pass_tasks is None:
+                            pass_tasks = run.undeliverable(model)
+                            if not pass_tasks or latch.stop:
+                                break
+                        if not pass_tasks:
+                            continue
+                        if backend == BACKEND_LOCAL:
+                            run.run_model_local(model, pass_tasks)
+                        else:
+                            nodes = _node_resources()  # nodes that joined since the last
+                            n_workers = min(_default_workers(cfg, use_gpus, nodes),
+                                            len(pass_tasks))
+                            cpus = _worker_cpus(cfg, use_gpus, nodes, n_workers)
+                            run.run_model(model, pass_tasks, n_workers, use_gpus, cpus)
                 except DriverError as exc:
                     log.error("%s", exc)
                     run.errors.append(str(exc))

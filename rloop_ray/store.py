@@ -54,7 +54,13 @@ import pyarrow.parquet as pq
 
 from rloop_ray.lease import LOCK_FILE, SweepLease
 from rloop_ray.plan import Plan, PlanChange, compare, describe_change
-from rloop_ray.vocab import COORDINATE_COLUMNS, STATUS_OK, SWEEP_CREATED, SWEEP_RUNNING
+from rloop_ray.vocab import (
+    COORDINATE_COLUMNS,
+    DERIVED_FROM,
+    STATUS_OK,
+    SWEEP_CREATED,
+    SWEEP_RUNNING,
+)
 
 RUNNER_COLUMNS = frozenset({
     "attempt", "worker", "node", "accelerator_ids", "seconds", "finished_at",
@@ -117,6 +123,7 @@ RUNNER_FIELDS: tuple[pa.Field, ...] = (
     pa.field("accelerator_ids", pa.list_(pa.string())),
     pa.field("seconds", pa.float64()),  # the unit's wall time on the worker / its cells
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+    pa.field(DERIVED_FROM, pa.string()),  # natural twin of a row copied, not decoded
 )
 
 ENGINE_FIELDS: tuple[pa.Field, ...] = (

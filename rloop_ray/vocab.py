@@ -113,5 +113,8 @@ COORDINATE_COLUMNS = (
     "align", "alpha", "control", "seed",
 )
 """The grid coordinates every result row carries; their Arrow types are in `store.py`."""
+DERIVED_FROM = "derived_from"
+"""Row column: the natural cell a row was copied from, for cells that are natural by
+construction (`derive.py`); null for every decoded row."""
 POINT_COLUMNS = ("site", "mode", "layers", "tokens", "align", "alpha")
 """One intervention point: where, how and how strongly a cell was patched."""

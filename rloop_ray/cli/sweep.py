@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated
+import shlex
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rloop_ray.cli._app import app
+from rloop_ray.cli._app import GRID_METAVAR, SWEEP_METAVAR, app
+
+if TYPE_CHECKING:
+    from rloop_ray.api import SweepJob
+    from rloop_ray.driver import SweepResult
 
 
 def _split_models(values: list[str] | None) -> list[str] | None:
@@ -34,11 +39,61 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_INVALID)
 
 
+def _setup_logging(verbose: bool) -> None:
+    """What reaches the terminal: warnings only under the live display, progress lines in
+    CI and log files, everything of rloop-ray with `--verbose`."""
+    from rloop_ray.driver import interactive
+
+    live = interactive()
+    level = logging.INFO if verbose or not live else logging.WARNING
+    fmt = ("%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose or not live
+           else "%(levelname)s: %(message)s")
+    logging.basicConfig(level=level, format=fmt)
+    if verbose:
+        logging.getLogger("rloop_ray").setLevel(logging.DEBUG)
+
+
+def _header(job: SweepJob) -> str:
+    """One line: what is about to run, counted as the driver counts (cells, units)."""
+    grid = job.grid
+    models = ", ".join(m.id for m in grid.models)
+    return (f"sweep {grid.spec.name}: {len(grid.cells)} cells in {len(grid.units)} units on "
+            f"{models} -> {job.store.uri}")
+
+
+def _next_command(result: SweepResult, job: SweepJob, resume_args: list[str]) -> str:
+    """The command to run next: the statistics when every selected cell is done, else the
+    same sweep again with --resume (`resume_args`: the grid and the options that select
+    the sweep and where it runs)."""
+    from rloop_ray.vocab import SWEEP_COMPLETE, SWEEP_PARTIAL
+
+    if result.status in (SWEEP_COMPLETE, SWEEP_PARTIAL):
+        return f"rloop-ray stats {shlex.quote(job.store.uri)}"
+    return "rloop-ray sweep " + " ".join(shlex.quote(a) for a in resume_args) + " --resume"
+
+
+def _resume_args(grid_file: str, model: list[str] | None, name: str | None, results_dir: str,
+                 address: str | None, backend: str) -> list[str]:
+    args = [grid_file]
+    for m in model or []:
+        args += ["--model", m]
+    if name:
+        args += ["--name", name]
+    if results_dir != "results":
+        args += ["--results-dir", results_dir]
+    if address:
+        args += ["--address", address]
+    if backend != "ray":
+        args += ["--backend", backend]
+    return args
+
+
 @app.command()
 def sweep(
-    grid_file: Annotated[str, typer.Argument(metavar="GRID.yaml", help="The grid to run.")],
+    grid_file: Annotated[str, typer.Argument(metavar=GRID_METAVAR, help="The grid to run.",
+                                             show_default=False)],
     resume: Annotated[
-        bool, typer.Option(help="Continue results/<name>: run only the cells not done yet.")
+        bool, typer.Option(help="Continue `results/<name>`: run only the cells not done yet.")
     ] = False,
     extend: Annotated[
         bool,
@@ -64,6 +119,7 @@ def sweep(
         typer.Option(
             "--model",
             "--models",
+            "-m",
             help="Run only these models (repeat or comma-separate; ids of the grid, or any "
             "other model name to run the grid on it; with --resume it adds that model).",
         ),
@@ -83,7 +139,7 @@ def sweep(
                                    "with GPUs; CPU replicas share their node's cores."),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Delete the existing sweep results/<name> and start over.")
+        bool, typer.Option(help="Delete the existing sweep `results/<name>` and start over.")
     ] = False,
     retry_failed: Annotated[
         bool, typer.Option(help="On --resume, run cells that failed before again.")
@@ -103,12 +159,23 @@ def sweep(
         typer.Option(help="`ray` (a local cluster, or --address) or `local` (this process, "
                           "no Ray: one replica per model, all its cores)."),
     ] = "ray",
+    derive: Annotated[
+        bool,
+        typer.Option(help="Write cells that are natural by construction (alpha 0, exact self "
+                          "mixes; greedy) as copies of their natural run, decoding a seeded "
+                          "10% as sentinels that must match it."),
+    ] = True,
     lease_seconds: Annotated[
         float,
         typer.Option(min=1.0, help="A driver silent this long loses its lease on the sweep "
                                    "(another driver may then take it over)."),
     ] = 60.0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v",
+                     help="Debug logging, with Ray's notices and the workers' own output "
+                          "(model loading bars included)."),
+    ] = False,
 ) -> None:
     """Run every cell of GRID.yaml (resumable; Ctrl-C stops cleanly).
 
@@ -123,10 +190,7 @@ def sweep(
     from rloop_ray.spec import SpecValidationError
     from rloop_ray.store import StoreError
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(verbose)
     if address and (num_gpus is not None or num_cpus is not None):
         typer.echo("warning: --num-gpus/--num-cpus size a local cluster; ignored with --address")
     if address and "://" not in results_dir and not os.path.isabs(results_dir):
@@ -143,14 +207,11 @@ def sweep(
             workers=workers, num_cpus=num_cpus, num_gpus=num_gpus,
             cpus_per_worker=cpus_per_worker, retry_failed=retry_failed,
             shard_rows=shard_rows, shard_seconds=shard_seconds, lease_seconds=lease_seconds,
+            derive=derive,
         )
     except (SpecValidationError, StoreError, LeaseError) as exc:
         raise _fail(str(exc)) from exc
-    grid = job.grid
-    typer.echo(
-        f"sweep {grid.spec.name} -> {job.store.uri}: {len(grid.cells)} cells in "
-        f"{len(grid.units)} units, models {', '.join(m.id for m in grid.models)}"
-    )
+    typer.echo(_header(job))
     try:
         result = job.run()
     except DriverError as exc:
@@ -159,14 +220,25 @@ def sweep(
     except StoreError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(result.message)
+    again = _resume_args(grid_file, model, name, results_dir, address, backend)
+    typer.echo(f"next: {_next_command(result, job, again)}")
     raise typer.Exit(result.exit_code)
 
 
+SweepDir = Annotated[
+    str,
+    typer.Argument(metavar=SWEEP_METAVAR, show_default=False,
+                   help="A sweep folder, `results/<name>`, or its URI."),
+]
+
+
 @app.command()
-def status(
-    sweep_dir: Annotated[str, typer.Argument(metavar="results/<name>", help="A sweep directory.")],
-) -> None:
-    """Done / failed / remaining cells per model of a sweep, and its last run."""
+def status(sweep_dir: SweepDir) -> None:
+    """Done, failed and remaining cells per model of a sweep, and its last run."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     from rloop_ray.lease import read_lease
     from rloop_ray.store import ResultStore, StoreError
 
@@ -196,36 +268,21 @@ def status(
                 f"the last run's driver (pid {last.get('driver_pid')}) died without closing "
                 f"it; `rloop-ray sweep ... --resume` continues it"
             )
-    header = ("model", "planned", "done", "failed", "remaining")
-    table = [header] + [
-        (
-            c.model,
-            "?" if c.planned is None else str(c.planned),
-            str(c.done),
-            str(c.failed),
-            "?" if c.remaining is None else str(c.remaining),
-        )
-        for c in counts
-    ]
-    if len(table) > 1:
-        total_planned = sum(c.planned or 0 for c in counts)
-        table.append(
-            (
-                "total",
-                str(total_planned),
-                str(sum(c.done for c in counts)),
-                str(sum(c.failed for c in counts)),
-                str(sum(c.remaining or 0 for c in counts)),
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        typer.echo(
-            "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold", pad_edge=False)
+    for i, col in enumerate(("model", "planned", "done", "failed", "remaining")):
+        table.add_column(col, justify="left" if i == 0 else "right")
+
+    def text(n: int | None) -> str:
+        return "?" if n is None else str(n)
+
+    for c in counts:
+        table.add_row(c.model, text(c.planned), str(c.done), str(c.failed), text(c.remaining))
+    if len(counts) > 1:
+        table.add_section()
+        table.add_row("total", str(sum(c.planned or 0 for c in counts)),
+                      str(sum(c.done for c in counts)), str(sum(c.failed for c in counts)),
+                      str(sum(c.remaining or 0 for c in counts)), style="bold")
+    Console(highlight=False).print(table)
     failed = sum(c.failed for c in counts)
     if failed:
         typer.echo(f"{failed} cells failed; reasons in {store.uri}/failures/ (--resume retries)")
@@ -234,9 +291,7 @@ def status(
 
 
 @app.command()
-def repair(
-    sweep_dir: Annotated[str, typer.Argument(metavar="results/<name>", help="A sweep directory.")],
-) -> None:
+def repair(sweep_dir: SweepDir) -> None:
     """Move damaged or foreign shards to quarantine/ and restore a torn manifest.
 
     Nothing is deleted. The cells whose rows were in a quarantined shard count as not
