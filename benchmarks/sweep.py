@@ -5,7 +5,9 @@ once, outside the timing): the fastest this machine runs those cells. Then the s
 goes through `rloop_ray.run` with the local backend and with the Ray backend (a local
 cluster), each into a fresh results folder. A sweep's compute time is its run time minus
 its replicas' model load (Ray start-up is outside `run_sweep` already); wall time with
-everything is printed beside it. The goal: the sweep at >= 90% of the engine.
+everything is printed beside it. The goals: the sweep at >= 90% of the engine when
+every cell is decoded, and (`local+derive`: cells natural by construction copied from
+their natural twin) the quickstart's compute down by >= 40% with the same tokens.
 
     python benchmarks/sweep.py --grid sweeps/quickstart.yaml --model smollm2-135m
 """
@@ -42,12 +44,12 @@ def engine_seconds(grid_path: str, model: str) -> tuple[float, int, list[list[in
     return seconds, len(requests), [by_id[c.cell_id] for c in grid.cells]
 
 
-def sweep_seconds(grid_path: str, model: str, backend: str, out: Path
+def sweep_seconds(grid_path: str, model: str, backend: str, out: Path, derive: bool
                   ) -> tuple[float, float, list[list[int]]]:
     """(compute seconds, wall seconds, tokens per cell) of one whole sweep."""
     t0 = time.perf_counter()
     results = rloop_ray.run(grid_path, model=model, results=out, backend=backend,
-                            progress=False)
+                            progress=False, derive=derive)
     wall = time.perf_counter() - t0
     import pandas as pd
 
@@ -63,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default=str(REPO / "sweeps" / "quickstart.yaml"))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--backends", default="local,ray")
+    parser.add_argument("--runs", default="local,ray,local+derive",
+                        help="sweeps to time: BACKEND or BACKEND+derive (cells natural by "
+                             "construction copied from their natural twin)")
     args = parser.parse_args()
 
     import torch
@@ -76,11 +80,12 @@ def main() -> None:
     print(f"{'Engine.run (in process)':<30}{t_eng:>10.2f}{n / t_eng:>10.2f}{'100%':>11}"
           f"{'':>9}{'':>13}")
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends.split(","):
+        for run in args.runs.split(","):
+            backend, _, derive = run.partition("+")
             compute, wall, tokens = sweep_seconds(args.grid, args.model, backend,
-                                                  Path(tmp) / backend)
+                                                  Path(tmp) / run, derive == "derive")
             same = sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))
-            print(f"{'rloop-ray sweep, ' + backend:<30}{compute:>10.2f}{n / compute:>10.2f}"
+            print(f"{'rloop-ray sweep, ' + run:<30}{compute:>10.2f}{n / compute:>10.2f}"
                   f"{t_eng / compute:>10.0%}{wall:>9.1f}{f'{same}/{n}':>13}")
 
 

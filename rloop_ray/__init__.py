@@ -16,9 +16,9 @@ __all__ = ["ReplicaPool", "Results", "load", "replicas", "run"]
 
 def __getattr__(name: str) -> Any:
     if name in ("ReplicaPool", "replicas"):
-        from rloop_ray import replicas as _replicas
+        from rloop_ray import pool as _pool
 
-        return getattr(_replicas, name)
+        return getattr(_pool, name)
     if name in __all__:
         from rloop_ray import api
 

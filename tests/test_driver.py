@@ -80,7 +80,7 @@ CFG = DriverConfig(workers=2, shard_rows=100, shard_seconds=5.0, progress=False)
 def test_plan_keeps_only_missing_cells_and_counts_everything():
     units = make_units(25, 10)
     done = {"m-c00000", "m-c00001"} | {f"m-c{i:05d}" for i in range(10, 20)}
-    tasks, planned, coords = _plan(units, to_requests, done, {"m-c00002": 2})
+    tasks, planned, coords, _ = _plan(units, to_requests, done, {"m-c00002": 2})
     assert planned == {"m": 25}
     assert [len(t.requests) for t in tasks["m"]] == [8, 5]  # the middle unit is done
     assert tasks["m"][0].attempt == 3  # continues the highest attempt in the unit
@@ -97,7 +97,7 @@ def test_plan_rejects_duplicate_cells():
 def test_rows_are_deduped_before_writing(tmp_path):
     store = fresh_store(tmp_path)
     units = make_units(3, 3)
-    _, _, coords = _plan(units, to_requests, set(), {})
+    _, _, coords, _ = _plan(units, to_requests, set(), {})
     from rloop_ray.driver import _Progress, _SigintLatch
 
     run = _Run(

@@ -35,7 +35,7 @@ def test_measure_writes_rows_and_prints_rv_by_group(tmp_path):
     table = pd.read_parquet(out)
     assert list(table.columns[:6]) == ["prompt_id", "group", "layer", "n_tokens", "pr",
                                        "effective_rank"]
-    engine = Engine("tiny-llama")
+    engine = Engine("tiny-llama", chat_template=False)  # as `measure` encodes by default
     assert len(table) == 2 * engine.n_layers
     # oracle: PR of V (the cached values of a plain prefill of the whole prompt)
     import torch

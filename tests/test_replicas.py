@@ -14,7 +14,7 @@ import pytest
 import rloop_ray
 from rloop_ray.engine import Engine
 from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention, MeasureConfig
-from rloop_ray.replicas import StateHandle
+from rloop_ray.pool import StateHandle
 
 pytestmark = pytest.mark.ray
 

@@ -6,6 +6,12 @@ intervention edits either that cache (`kv`, `k`, `v`) or activations during the
 target's prefill (`v_proj`, `qkv`, `resid`). Generation runs every prepared row of a
 batch together, each layer with its own mask (see `attention.py`), so caches of
 unequal length (transplants, packed prompts) decode exactly.
+
+The three steps are public and compose: `encode(texts) -> [PromptState]`,
+`patch(targets, sources, interventions) -> [PatchedState]`,
+`generate(states, generation, measure) -> [Generation]`. `run(requests)` is the same
+three steps over cells, batched, with errors turned into failed rows. This module owns
+encoding and patching; decoding and its measures are in `decode.py` and `measure.py`.
 """
 
 from __future__ import annotations
@@ -15,16 +21,16 @@ import math
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, overload
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from rloop_ray.engine import attention
-from rloop_ray.engine.geometry import r_v, spectrum
+from rloop_ray.engine.decode import Decoder
+from rloop_ray.engine.geometry import spectrum
 from rloop_ray.engine.hooks import hooks
 from rloop_ray.engine.interventions import (
     PositionMap,
@@ -34,58 +40,23 @@ from rloop_ray.engine.interventions import (
     position_map,
 )
 from rloop_ray.engine.selectors import resolve_layer, resolve_layers
+from rloop_ray.engine.states import PatchedState, PromptState
 from rloop_ray.engine.types import (
     CACHE_SITES,
     CONTROLS,
     MODES,
     SITES,
     CellRequest,
+    Generation,
+    GenerationConfig,
     Intervention,
+    MeasureConfig,
 )
+from rloop_ray.vocab import NATURAL, NONE, SELF, SHUFFLE
 
 log = logging.getLogger(__name__)
 
-
-class _PreallocatedLayer(DynamicLayer):
-    """A cache layer with room reserved for the tokens still to come.
-
-    transformers' `DynamicLayer` concatenates at every step, copying the whole cache
-    each time (quadratic in the number of steps); decoding a batch of 32 rows spends a
-    visible share of its time there. Writing into a reserved buffer is the same
-    computation without the copies; past the reserve it falls back to concatenation.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
-        super().__init__()
-        bsz, heads, length, _ = keys.shape
-        self._k = keys.new_empty((bsz, heads, length + reserve, keys.shape[3]))
-        self._v = values.new_empty((bsz, values.shape[1], length + reserve, values.shape[3]))
-        self._k[:, :, :length] = keys
-        self._v[:, :, :length] = values
-        self._len = length
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = key_states.shape[-2]
-        if self._len + n > self._k.shape[2]:
-            self._k = torch.cat([self._k[:, :, :self._len], key_states], dim=-2)
-            self._v = torch.cat([self._v[:, :, :self._len], value_states], dim=-2)
-        else:
-            self._k[:, :, self._len:self._len + n] = key_states
-            self._v[:, :, self._len:self._len + n] = value_states
-        self._len += n
-        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
-        return self.keys, self.values
-
-
-def _cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-           reserve: int) -> DynamicCache:
-    """A DynamicCache over per-layer (B, H, T_l, D) tensors with `reserve` free slots."""
-    cache = DynamicCache()
-    cache.layers = [_PreallocatedLayer(k, v, reserve) for k, v in zip(keys, values)]
-    return cache
+__all__ = ["CellError", "EmptyTokenSelection", "Engine", "PatchedState", "PromptState"]
 
 # Fixed continuations of the `logprob_contrast` scorer: similar length, one recursive,
 # one neutral. Changing them changes the metric: they are part of the result's meaning.
@@ -106,7 +77,8 @@ _NOISE_SALT = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "resid": 4}
 
 
 class CellError(ValueError):
-    """A cell that cannot run as specified; recorded as a failed row, never raised out."""
+    """A cell that cannot run as specified. The public steps (`encode`, `patch`,
+    `generate`) raise it; `run` records it as a failed row and never raises."""
 
 
 class EmptyTokenSelection(CellError):
@@ -128,23 +100,35 @@ def _require_positions(pmap: PositionMap, iv: Intervention, target_len: int,
         "nothing and equal the natural run; use a spec that fits the prompt")
 
 
-@dataclass
-class PromptState:
-    """A prompt encoded once: its ids and the prefill cache of tokens 0..L-2."""
+def _is_natural(iv: Intervention) -> bool:
+    return iv.control == NATURAL or iv.site == NONE
 
-    ids: list[int]
-    keys: list[torch.Tensor]  # per layer (kv_heads, L-1, head_dim)
-    values: list[torch.Tensor]
-    acts: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per layer (L-1, D)
 
-    @property
-    def prefill_len(self) -> int:
-        return len(self.ids) - 1
+Prompt = PromptState | str
+"""A prompt as the steps take it: an encoded state, or a text (encoded, cached)."""
+
+
+class _Job(NamedTuple):
+    """One patch to prepare: `index` is where its result goes."""
+
+    index: int
+    target: Prompt
+    source: Prompt | None
+    intervention: Intervention
+
+
+def _prompt_key(prompt: Prompt | None) -> tuple[str, int | None] | None:
+    """Groups patches by the prompts they read (a state and its text are the same)."""
+    if prompt is None:
+        return None
+    if isinstance(prompt, PromptState):
+        return prompt.text, prompt.shuffle_seed
+    return prompt, None
 
 
 @dataclass
 class PreparedRow:
-    """One cell ready to decode: its (patched) cache and where generation starts."""
+    """A patched state bound to the cell that asked for it: `run`'s unit of batching."""
 
     index: int
     request: CellRequest
@@ -154,17 +138,35 @@ class PreparedRow:
     position: int  # rotary position of the first query
     meta: dict[str, Any]
 
+    @classmethod
+    def bind(cls, index: int, request: CellRequest, state: PatchedState) -> PreparedRow:
+        return cls(index, request, state.keys, state.values, state.first_token,
+                   state.position, state.meta)
+
+    def state(self) -> PatchedState:
+        return PatchedState(self.keys, self.values, self.first_token, self.position,
+                            self.meta, intervention=self.request.intervention)
+
 
 def _failure(exc: BaseException) -> dict[str, Any]:
     return {"status": "failed", "error_type": type(exc).__name__,
             "error": "".join(traceback.format_exception(exc))}
 
 
+def _row(request: CellRequest, gen: Generation) -> dict[str, Any]:
+    """A result row (docs/architecture.md) from a cell's generation."""
+    return {"cell_id": request.cell_id, "status": "ok", **gen.meta,
+            "generated_ids": gen.ids, "n_generated": len(gen.ids),
+            "generated_text": gen.text, "stop_reason": gen.stop_reason,
+            "query_position": gen.meta["query_position"], "generate_seconds": gen.seconds,
+            **gen.measures}
+
+
 class Engine:
     """One model replica serving batched encode / patch / generate / measure."""
 
     def __init__(self, model: str, *, dtype: str = "float32", device: str = "cpu",
-                 device_map: str | dict | None = None, chat_template: bool | None = False,
+                 device_map: str | dict | None = None, chat_template: bool | None = None,
                  trust_remote_code: bool = False, revision: str | None = None,
                  max_batch_size: int = 32, prompt_cache_size: int = 64) -> None:
         from rloop_ray.engine.models import auto_chat_template, load_model
@@ -175,7 +177,8 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.adapter = self.loaded.adapter
         self.model_name = model
-        # None = auto: instruct models (a tokenizer with a template) get their template
+        # None = auto (as the grid does): an instruct model's tokenizer template, else raw
+        # text; without its template an instruct model may answer with an empty turn
         self.chat_template = (auto_chat_template(model, self.tokenizer)
                               if chat_template is None else chat_template)
         self.max_batch_size = max_batch_size
@@ -192,6 +195,10 @@ class Engine:
             name: self.tokenizer(text, add_special_tokens=False)["input_ids"]
             for name, text in (("recursive", RECURSIVE_CONTINUATION),
                                ("neutral", NEUTRAL_CONTINUATION))}
+        self._decoder = Decoder(self.model, self.tokenizer, self.adapter,
+                                windows=self._windows, eos=self._eos,
+                                continuations=self._continuation_ids,
+                                check_context=self._check_context)
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -212,6 +219,15 @@ class Engine:
                 ids.update(int(i) for i in src)
         return ids
 
+    def _check_capture(self, capture: Sequence[str]) -> None:
+        """Unknown module names fail before any forward, naming the ones this model has."""
+        if isinstance(capture, str):
+            raise CellError(f"capture takes a list of names, got the string {capture!r}")
+        unknown = [n for n in capture if n not in self.adapter.sites]
+        if unknown:
+            raise CellError(f"cannot capture {', '.join(map(repr, unknown))}: "
+                            f"{self.adapter.model_type} has {', '.join(self.adapter.sites)}")
+
     # ------------------------------------------------------------------ encode
     def tokenize(self, text: str) -> list[int]:
         """Prompt ids, through the chat template when this model entry asks for it."""
@@ -223,15 +239,34 @@ class Engine:
             ids = self.tokenizer(text)["input_ids"]
         return [int(i) for i in ids]
 
-    def encode(self, text: str, capture: Sequence[str] = (),
-               shuffle_seed: int | None = None) -> PromptState:
-        """Prefill of prompt[:-1], cached per prompt; `capture` adds module outputs.
+    @overload
+    def encode(self, texts: str, *, capture: Sequence[str] = (),
+               shuffle_seed: int | None = None) -> PromptState: ...
+
+    @overload
+    def encode(self, texts: Sequence[str], *, capture: Sequence[str] = (),
+               shuffle_seed: int | None = None) -> list[PromptState]: ...
+
+    def encode(self, texts: str | Sequence[str], *, capture: Sequence[str] = (),
+               shuffle_seed: int | None = None) -> PromptState | list[PromptState]:
+        """Prefill of each prompt[:-1], cached per prompt; `capture` adds module outputs
+        of the prefill (`PromptState.acts`). A list gives a list; a single text (the
+        engine's own use) gives one state.
 
         `shuffle_seed` encodes the prompt with its tokens permuted (all but the first,
         seeded): the `shuffle` control. Permuting the *slots* of a finished cache would
         be vacuous: keys already carry their rotary position and attention is invariant
         to the order of (key, value) pairs, so later queries would see the same cache.
         """
+        self._check_capture(capture)
+        if isinstance(texts, str):
+            return self._encode_one(texts, capture, shuffle_seed)
+        return [self._encode_one(t, capture, shuffle_seed) for t in texts]
+
+    def _encode_one(self, text: str, capture: Sequence[str],
+                    shuffle_seed: int | None) -> PromptState:
+        if not isinstance(text, str):
+            raise CellError(f"a prompt is a text, got {type(text).__name__}")
         key = text if shuffle_seed is None else f"\x00shuffle:{shuffle_seed}\x00{text}"
         state = self._prompts.get(key)
         missing = [name for name in capture if state is None or name not in state.acts]
@@ -263,12 +298,25 @@ class Engine:
             ids=ids,
             keys=[cache.layers[i].keys[0] for i in range(self.n_layers)],
             values=[cache.layers[i].values[0] for i in range(self.n_layers)],
-            acts={n: list(v) for n, v in acts.items()})  # type: ignore[misc]
+            acts={n: list(v) for n, v in acts.items()},  # type: ignore[misc]
+            text=text, shuffle_seed=shuffle_seed)
         self._prompts[key] = state
         self._prompts.move_to_end(key)
         while len(self._prompts) > self._prompt_cache_size:
             self._prompts.popitem(last=False)
         return state
+
+    def _resolve(self, prompt: Prompt, capture: Sequence[str] = (),
+                 shuffle_seed: int | None = None) -> PromptState:
+        """The state of a prompt given as a state or a text, with `capture` acts.
+
+        A state the caller holds is used as is when it already is what is asked for;
+        otherwise (a shuffled copy, acts it lacks) it is encoded again from its text."""
+        if isinstance(prompt, PromptState):
+            if prompt.shuffle_seed == shuffle_seed and all(n in prompt.acts for n in capture):
+                return prompt
+            return self._encode_one(prompt.text, capture, shuffle_seed)
+        return self._encode_one(prompt, capture, shuffle_seed)
 
     @torch.no_grad()
     def _prefill(self, input_ids: torch.Tensor, pairs) -> DynamicCache:
@@ -310,82 +358,79 @@ class Engine:
                          "status": "ok" if spec is not None else "zero_matrix"})
         return rows
 
-    # ------------------------------------------------------------------ run
-    def run(self, requests: Sequence[CellRequest]) -> list[dict[str, Any]]:
-        """Run cells; one result dict per request, in order. Never raises for a bad cell."""
-        results: list[dict[str, Any] | None] = [None] * len(requests)
-        prepared: list[PreparedRow] = []
-        started = time.perf_counter()
-        groups: OrderedDict[tuple, list[int]] = OrderedDict()
-        for i, req in enumerate(requests):
-            groups.setdefault((req.target_text, req.source_text), []).append(i)
-        for indices in groups.values():
-            for i, row in self._prepare_group([(i, requests[i]) for i in indices]):
-                if isinstance(row, PreparedRow):
-                    prepared.append(row)
-                else:
-                    results[i] = row
-        for start in range(0, len(prepared), self.max_batch_size):
-            batch = prepared[start:start + self.max_batch_size]
-            for row, out in zip(batch, self._generate_isolated(batch)):
-                results[row.index] = out
-        elapsed = time.perf_counter() - started
-        final = []
-        for res in results:
-            assert res is not None  # every request got a prepared row or a failure
-            res.setdefault("engine_seconds", elapsed / max(1, len(requests)))
-            final.append(res)
-        return final
-
-    def _generate_isolated(self, batch: list[PreparedRow]) -> list[dict[str, Any]]:
-        """Generate a batch; if it fails, rerun rows alone so one bad row fails alone."""
-        try:
-            return self._generate_and_measure(batch)
-        except Exception as exc:  # noqa: BLE001 - errors are data; isolated below
-            if len(batch) == 1:
-                return [{**batch[0].meta, **_failure(exc)}]
-            log.warning("batch of %d failed (%s); retrying rows one by one", len(batch), exc)
-            out = []
-            for row in batch:
-                out.extend(self._generate_isolated([row]))
-            return out
-
     # ------------------------------------------------------------------ patch
-    def _prepare_group(self, items: list[tuple[int, CellRequest]]):
-        """Yield (index, PreparedRow | failure dict) for cells sharing target and source."""
-        prefill_items = []
-        for i, req in items:
-            try:
-                self._validate(req)
-                if req.intervention.control == "natural" or req.intervention.site == "none":
-                    yield i, self._prepare_natural(i, req)
-                elif req.intervention.site in CACHE_SITES:
-                    yield i, self._prepare_cache_patch(i, req)
-                else:
-                    prefill_items.append((i, req))
-            except Exception as exc:  # noqa: BLE001 - errors are data
-                yield i, _failure(exc)
-        for start in range(0, len(prefill_items), self.max_batch_size):
-            chunk = prefill_items[start:start + self.max_batch_size]
-            try:
-                rows = self._prepare_prefill_patch(chunk)
-                yield from ((row.index, row) for row in rows)
-            except Exception as exc:  # noqa: BLE001 - isolate the failing cell
-                if len(chunk) == 1:
-                    yield chunk[0][0], _failure(exc)
-                    continue
-                for item in chunk:
-                    try:
-                        row = self._prepare_prefill_patch([item])[0]
-                        yield row.index, row
-                    except Exception as exc_one:  # noqa: BLE001
-                        yield item[0], _failure(exc_one)
+    def patch(self, targets: Sequence[Prompt], sources: Sequence[Prompt | None],
+              interventions: Sequence[Intervention]) -> list[PatchedState]:
+        """One patched state per (target, source, intervention), in order.
 
-    def _validate(self, req: CellRequest) -> None:
-        iv = req.intervention
+        Texts are encoded (cached). A `natural` intervention (or `site="none"`) gives the
+        target's unpatched state and needs no source; `self` needs none either (the
+        target is its own source). Prefill-site patches of one (target, source) pair
+        share one batched prefill, as in `run`. Raises `CellError` for input that cannot
+        run, naming the item.
+        """
+        if not len(targets) == len(sources) == len(interventions):
+            raise CellError(f"patch needs one source and one intervention per target: got "
+                            f"{len(targets)} targets, {len(sources)} sources, "
+                            f"{len(interventions)} interventions")
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, (t, s) in enumerate(zip(targets, sources)):
+            if not isinstance(t, (PromptState, str)):
+                raise CellError(f"patch {i}: a target is a PromptState or a text, "
+                                f"got {type(t).__name__}")
+            groups.setdefault((_prompt_key(t), _prompt_key(s)), []).append(i)
+        out: list[PatchedState | None] = [None] * len(targets)
+        for indices in groups.values():
+            jobs = [_Job(i, targets[i], sources[i], interventions[i]) for i in indices]
+            for i, res in self._patch_group(jobs):
+                if isinstance(res, CellError):
+                    raise type(res)(f"patch {i}: {res}") from res
+                if isinstance(res, (ValueError, LookupError)):  # a spec the selectors refuse
+                    raise CellError(f"patch {i}: {res}") from res
+                if isinstance(res, BaseException):
+                    raise res
+                out[i] = res
+        return [s for s in out if s is not None]
+
+    def _patch_group(self, jobs: list[_Job]
+                     ) -> Iterator[tuple[int, PatchedState | Exception]]:
+        """Yield (index, state or the error) for patches sharing target and source.
+
+        Errors are data here, so `run` can fail one cell and `patch` can raise; a batched
+        prefill that fails is retried one patch at a time, so one bad patch fails alone.
+        """
+        prefill_jobs = []
+        for job in jobs:
+            try:
+                self._validate(job.intervention, has_source=job.source is not None)
+                iv = job.intervention
+                if _is_natural(iv):
+                    yield job.index, self._natural_state(self._resolve(job.target), iv)
+                elif iv.site in CACHE_SITES:
+                    yield job.index, self._cache_patch(job)
+                else:
+                    prefill_jobs.append(job)
+            except Exception as exc:  # noqa: BLE001 - errors are data
+                yield job.index, exc
+        for start in range(0, len(prefill_jobs), self.max_batch_size):
+            chunk = prefill_jobs[start:start + self.max_batch_size]
+            try:
+                states = self._prefill_patch(chunk)
+                yield from ((job.index, state) for job, state in zip(chunk, states))
+            except Exception as exc:  # noqa: BLE001 - isolate the failing patch
+                if len(chunk) == 1:
+                    yield chunk[0].index, exc
+                    continue
+                for job in chunk:
+                    try:
+                        yield job.index, self._prefill_patch([job])[0]
+                    except Exception as exc_one:  # noqa: BLE001
+                        yield job.index, exc_one
+
+    def _validate(self, iv: Intervention, *, has_source: bool) -> None:
         if iv.control not in CONTROLS:
             raise CellError(f"unknown control {iv.control!r}; allowed: {', '.join(CONTROLS)}")
-        if iv.control == "natural" or iv.site == "none":
+        if _is_natural(iv):
             return
         if iv.site not in SITES:
             raise CellError(f"unknown site {iv.site!r}; allowed: {', '.join(SITES)}")
@@ -399,38 +444,50 @@ class Engine:
             if iv.alpha != 1.0 or iv.tokens != "all":
                 raise CellError("a transplant replaces whole layers: it needs alpha=1 and "
                                 "tokens='all' (use mode 'mix' for partial patches)")
-        if req.source_text is None and iv.control != "self":
+        if not has_source and iv.control != SELF:
             raise CellError(f"control {iv.control!r} needs a source prompt")
 
-    def _base_meta(self, req: CellRequest, target: PromptState) -> dict[str, Any]:
-        iv = req.intervention
-        return {"status": "ok", "n_target_tokens": len(target.ids), "n_source_tokens": None,
+    def _base_meta(self, iv: Intervention | None, target: PromptState) -> dict[str, Any]:
+        """The patch columns of an unpatched target (a patch then fills in its own)."""
+        extrapolated = iv is not None and not _is_natural(iv) and not 0.0 <= float(iv.alpha) <= 1.0
+        return {"n_target_tokens": len(target.ids), "n_source_tokens": None,
                 "n_patched_positions": 0, "n_unpatched_positions": 0, "patched_layers": [],
-                "rope_consistent": True,
-                "alpha_extrapolated": bool(not 0.0 <= float(iv.alpha) <= 1.0)
-                if iv.control != "natural" else False}
+                "rope_consistent": True, "alpha_extrapolated": bool(extrapolated)}
 
-    def _prepare_natural(self, i: int, req: CellRequest) -> PreparedRow:
-        target = self.encode(req.target_text)
-        return PreparedRow(i, req, list(target.keys), list(target.values), target.ids[-1],
-                           target.prefill_len, self._base_meta(req, target))
+    def _natural_state(self, target: PromptState, iv: Intervention | None = None
+                       ) -> PatchedState:
+        return PatchedState(list(target.keys), list(target.values), target.ids[-1],
+                            target.prefill_len, self._base_meta(iv, target),
+                            prompt_ids=target.ids, text=target.text, intervention=iv)
 
-    def _source_text(self, req: CellRequest) -> str:
-        return req.target_text if req.intervention.control == "self" else req.source_text  # type: ignore[return-value]
+    def _source_state(self, target: PromptState, source: Prompt | None, iv: Intervention,
+                      capture: Sequence[str] = ()) -> PromptState:
+        """The source as the control reads it: the target for `self`, the source's
+        tokens permuted for `shuffle`, else the source itself."""
+        src = target if iv.control == SELF or source is None else source
+        if iv.control == SHUFFLE:
+            text = src.text if isinstance(src, PromptState) else src
+            return self._encode_one(text, capture, iv.control_seed)
+        return self._resolve(src, capture)
 
-    def _encode_source(self, req: CellRequest, capture: Sequence[str] = ()) -> PromptState:
-        iv = req.intervention
-        seed = iv.control_seed if iv.control == "shuffle" else None
-        return self.encode(self._source_text(req), capture=capture, shuffle_seed=seed)
+    def _prepare_cache_patch(self, i: int, req: CellRequest) -> PatchedState:
+        """A cache patch for one request (the oracle tests prepare one directly)."""
+        return self._cache_patch(_Job(i, req.target_text, req.source_text, req.intervention))
 
-    def _prepare_cache_patch(self, i: int, req: CellRequest) -> PreparedRow:
-        iv = req.intervention
-        target = self.encode(req.target_text)
-        source = self._encode_source(req)
+    def _prepare_prefill_patch(self, items: list[tuple[int, CellRequest]]
+                               ) -> list[PatchedState]:
+        """Prefill patches of requests sharing a target (the oracle tests call it)."""
+        return self._prefill_patch([_Job(i, r.target_text, r.source_text, r.intervention)
+                                    for i, r in items])
+
+    def _cache_patch(self, job: _Job) -> PatchedState:
+        iv = job.intervention
+        target = self._resolve(job.target)
+        source = self._source_state(target, job.source, iv)
         layers = resolve_layers(iv.layers, self.n_layers)
         src_k, src_v = self._controlled_cache(source, iv.control, iv.control_seed, layers)
         keys, values = list(target.keys), list(target.values)
-        meta = self._base_meta(req, target)
+        meta = self._base_meta(iv, target)
         meta["n_source_tokens"] = len(source.ids)
         meta["patched_layers"] = layers
         touch_k = iv.site in ("kv", "k")
@@ -461,7 +518,8 @@ class Engine:
             meta["rope_consistent"] = pmap.rope_consistent or not touch_k
         position = keys[0].shape[1]  # transformers' rule: the query follows layer 0's cache
         meta["query_position"] = position
-        return PreparedRow(i, req, keys, values, target.ids[-1], position, meta)
+        return PatchedState(keys, values, target.ids[-1], position, meta,
+                            prompt_ids=target.ids, text=target.text, intervention=iv)
 
     def _controlled_cache(self, source: PromptState, control: str, seed: int,
                           layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -488,23 +546,22 @@ class Engine:
             return matched_noise(act, salt, ())
         return act
 
-    def _prepare_prefill_patch(self, items: list[tuple[int, CellRequest]]) -> list[PreparedRow]:
-        """Rerun the target prefill once for all items, each row with its own patch."""
-        req0 = items[0][1]
-        names = sorted({n for _, r in items for n in _PREFILL_MODULES[r.intervention.site]})
-        target = self.encode(req0.target_text)
-        sources = {id(r): self._encode_source(r, capture=names) for _, r in items}
+    def _prefill_patch(self, jobs: list[_Job]) -> list[PatchedState]:
+        """Rerun the target prefill once for all jobs (one target), each row its own patch."""
+        names = sorted({n for job in jobs for n in _PREFILL_MODULES[job.intervention.site]})
+        target = self._resolve(jobs[0].target)
+        sources = [self._source_state(target, job.source, job.intervention, capture=names)
+                   for job in jobs]
         plans = []  # per row: (layers, pmap, alpha, source_state, control, seed, names)
         metas = []
-        for _, req in items:
-            iv = req.intervention
-            source = sources[id(req)]
+        for job, source in zip(jobs, sources):
+            iv = job.intervention
             layers = resolve_layers(iv.layers, self.n_layers)
             pmap = position_map(iv.tokens, iv.align, target.prefill_len, source.prefill_len)
             _require_positions(pmap, iv, target.prefill_len, source.prefill_len)
             plans.append((set(layers), pmap, float(iv.alpha), source, iv.control,
                           iv.control_seed, _PREFILL_MODULES[iv.site]))
-            meta = self._base_meta(req, target)
+            meta = self._base_meta(iv, target)
             meta.update(n_source_tokens=len(source.ids), patched_layers=layers,
                         n_patched_positions=len(pmap.target),
                         n_unpatched_positions=pmap.n_unmatched,
@@ -527,220 +584,107 @@ class Engine:
         pairs = [(self.adapter.module(self.model, name, layer), patch(name, layer))
                  for name in names for layer in range(self.n_layers)
                  if any(layer in p[0] and name in p[6] for p in plans)]
-        ids = torch.tensor([target.ids[:-1]] * len(items), device=self.device)
+        ids = torch.tensor([target.ids[:-1]] * len(jobs), device=self.device)
         cache = self._prefill(ids, pairs)
-        rows = []
-        for row, ((i, req), meta) in enumerate(zip(items, metas)):
+        states = []
+        for row, (job, meta) in enumerate(zip(jobs, metas)):
             keys = [cache.layers[l_].keys[row] for l_ in range(self.n_layers)]
             values = [cache.layers[l_].values[row] for l_ in range(self.n_layers)]
-            rows.append(PreparedRow(i, req, keys, values, target.ids[-1], target.prefill_len,
-                                    meta))
-        return rows
+            states.append(PatchedState(keys, values, target.ids[-1], target.prefill_len, meta,
+                                       prompt_ids=target.ids, text=target.text,
+                                       intervention=job.intervention))
+        return states
 
     # ------------------------------------------------------------------ generate
-    def _stack(self, rows: list[PreparedRow]) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                        list[torch.Tensor]]:
-        """Left-pad each layer's per-row caches to one (B, H, T_l, D) tensor + validity."""
-        keys, values, valid = [], [], []
-        prev_lens: list[int] | None = None
-        for layer in range(self.n_layers):
-            lens = [r.keys[layer].shape[1] for r in rows]
-            t_max = max(lens)
-            k0 = rows[0].keys[layer]
-            k = k0.new_zeros((len(rows), k0.shape[0], t_max, k0.shape[2]))
-            v0 = rows[0].values[layer]
-            v = v0.new_zeros((len(rows), v0.shape[0], t_max, v0.shape[2]))
-            for b, (row, n) in enumerate(zip(rows, lens)):
-                if n:
-                    k[b, :, t_max - n:] = row.keys[layer]
-                    v[b, :, t_max - n:] = row.values[layer]
-            if lens != prev_lens:  # layers with equal lengths share one validity tensor
-                ok = torch.zeros((len(rows), t_max), dtype=torch.bool, device=k0.device)
-                for b, n in enumerate(lens):
-                    ok[b, t_max - n:] = n > 0
-                prev_lens = lens
-            keys.append(k)
-            values.append(v)
-            valid.append(ok)
-        return keys, values, valid
+    def generate(self, states: Sequence[PatchedState | PromptState],
+                 generation: GenerationConfig | None = None,
+                 measure: MeasureConfig | None = None, *,
+                 capture: Sequence[str] = ()) -> list[Generation]:
+        """Decode each state (a `PromptState` decodes naturally) and measure it.
 
-    @torch.no_grad()
-    def _forward(self, cache: DynamicCache, valid: list[torch.Tensor], input_ids: torch.Tensor,
-                 positions: torch.Tensor, q_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """One forward of (B, q) new tokens on `cache`; extends `valid` in place. Logits fp32."""
-        q_len = input_ids.shape[1]
-        new_valid = torch.ones((input_ids.shape[0], q_len), dtype=torch.bool,
-                               device=input_ids.device) if q_valid is None else q_valid
-        # layers sharing a validity tensor (no transplant) share one mask: build each once
-        grown: dict[int, torch.Tensor] = {}
-        for layer in range(self.n_layers):
-            key = id(valid[layer])
-            if key not in grown:
-                grown[key] = torch.cat([valid[layer], new_valid], dim=1)
-            valid[layer] = grown[key]
-        built: dict[tuple[int, int | None], torch.Tensor] = {}
-        masks = []
-        for layer in range(self.n_layers):
-            key2 = (id(valid[layer]), self._windows[layer])
-            if key2 not in built:
-                built[key2] = attention.decode_mask(valid[layer], q_len, self._windows[layer])
-            masks.append(built[key2])
-        with attention.layer_masks(masks):
-            out = self.model(input_ids=input_ids, position_ids=positions, cache=cache,
-                             use_cache=True)
-        return out.logits.float()
-
-    def _sample(self, logits: torch.Tensor, rows: list[PreparedRow],
-                generators: list[torch.Generator | None]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        picks = []
-        for b, row in enumerate(rows):
-            gen = row.request.generation
-            if gen.temperature <= 0:
-                picks.append(int(greedy[b]))
-                continue
-            probs = torch.softmax(logits[b].cpu() / gen.temperature, dim=-1)
-            if gen.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < gen.top_p
-                probs = torch.zeros_like(probs).index_copy_(0, order[keep], sorted_p[keep])
-                probs = probs / probs.sum()
-            picks.append(int(torch.multinomial(probs, 1, generator=generators[b]).item()))
-        return picks
-
-    def _generate_and_measure(self, rows: list[PreparedRow]) -> list[dict[str, Any]]:
-        started = time.perf_counter()
-        keys, values, valid = self._stack(rows)
-        base = [k.shape[2] for k in keys]  # slot of the first query, per layer
-        contrast = self._logprob_contrast(rows, keys, values, valid) \
-            if any("logprob_contrast" in r.request.measure.scorers for r in rows) else None
-        for r in rows:
-            self._check_context(r.position + r.request.generation.max_new_tokens + 1)
-        cache = _cache(keys, values, reserve=max(r.request.generation.max_new_tokens
-                                                  for r in rows) + 1)
-        valid = list(valid)
-        bsz = len(rows)
-        positions = torch.tensor([r.position for r in rows], device=self.device)
-        tokens = [r.first_token for r in rows]
-        limits = [r.request.generation.max_new_tokens for r in rows]
-        generated: list[list[int]] = [[] for _ in rows]
-        stop = ["max_new_tokens"] * bsz
-        done = [lim <= 0 for lim in limits]
-        generators = [torch.Generator().manual_seed(int(r.request.generation.seed))
-                      if r.request.generation.temperature > 0 else None for r in rows]
-        step = 0
-        while True:
-            logits = self._forward(cache, valid, torch.tensor([tokens], device=self.device).T,
-                                   (positions + step)[:, None])
-            step += 1
-            if all(done):
-                break  # this last feed only stored V of each row's final token
-            picks = self._sample(logits[:, -1], rows, generators)
-            for b in range(bsz):
-                if done[b]:
-                    continue
-                tokens[b] = picks[b]
-                generated[b].append(picks[b])
-                if row_eos := (rows[b].request.generation.stop_at_eos and picks[b] in self._eos):
-                    stop[b] = "eos"
-                if row_eos or len(generated[b]) >= limits[b]:
-                    done[b] = True
-        gen_seconds = time.perf_counter() - started
-        results = []
-        for b, row in enumerate(rows):
-            res = dict(row.meta)
-            res.update(generated_ids=generated[b], n_generated=len(generated[b]),
-                       generated_text=self.tokenizer.decode(generated[b],
-                                                            skip_special_tokens=True),
-                       stop_reason=stop[b], query_position=row.position,
-                       generate_seconds=gen_seconds / bsz)
-            res.update(self._measure(row, cache, valid, base, b, len(generated[b])))
-            if contrast is not None and "logprob_contrast" in row.request.measure.scorers:
-                res["score_logprob_contrast"] = contrast[b]
-            res.update(self._text_scores(row, res["generated_text"]))
-            results.append(res)
-        return results
-
-    # ------------------------------------------------------------------ measure
-    def _v_rows(self, cache: DynamicCache, layer: int, b: int, start: int,
-                stop: int) -> torch.Tensor:
-        """V of slots [start, stop) of row b at `layer`, as (T, kv_heads * head_dim)."""
-        v = cache.layers[layer].values[b, :, start:stop, :]  # (H, T, D)
-        return v.permute(1, 0, 2).reshape(v.shape[1], -1)
-
-    def _measure(self, row: PreparedRow, cache: DynamicCache, valid: list[torch.Tensor],
-                 base: list[int], b: int, n_gen: int) -> dict[str, Any]:
-        m = row.request.measure
-        early = resolve_layer(m.early_layer, self.n_layers)
-        late = resolve_layer(m.late_layer, self.n_layers)
-        gen_e = self._v_rows(cache, early, b, base[early] + 1, base[early] + 1 + n_gen)
-        gen_l = self._v_rows(cache, late, b, base[late] + 1, base[late] + 1 + n_gen)
-        res = r_v(gen_e, gen_l, window=m.window, center=m.centering)
-        out: dict[str, Any] = {"layer_early": early, "layer_late": late, "rv": res.rv,
-                               "pr_early": res.pr_early, "pr_late": res.pr_late,
-                               "erank_early": res.erank_early, "erank_late": res.erank_late,
-                               "rv_status": res.status, "rv_window": m.window,
-                               "rv_centered": m.centering}
-        # prompt side (step 0): the last W prompt tokens = cached prefill + the first query
-        n_real = int(min(valid[early][b, :base[early] + 1].sum(),
-                         valid[late][b, :base[late] + 1].sum()))
-        pe = self._v_rows(cache, early, b, base[early] + 1 - n_real, base[early] + 1)
-        pl = self._v_rows(cache, late, b, base[late] + 1 - n_real, base[late] + 1)
-        prompt = r_v(pe, pl, window=m.window, center=m.centering)
-        out["rv_prompt"] = prompt.rv
-        out["rv_prompt_status"] = prompt.status
-        if m.trajectory:
-            # step t: the W tokens ending at generated token t (t=0: the last prompt token)
-            full_e = self._v_rows(cache, early, b, base[early] + 1 - n_real,
-                                  base[early] + 1 + n_gen)
-            full_l = self._v_rows(cache, late, b, base[late] + 1 - n_real,
-                                  base[late] + 1 + n_gen)
-            traj = []
-            for t in range(n_gen + 1):
-                end = n_real + t
-                traj.append(r_v(full_e[:end], full_l[:end], window=m.window,
-                                center=m.centering).rv)
-            out["rv_trajectory"] = traj
-        else:
-            out["rv_trajectory"] = None
+        All states decode together, `max_batch_size` at a time, with one generation and
+        one measure setting. `capture` names modules (`rloop_ray.engine.adapters`
+        sites: "v_proj", "resid", ...) whose outputs on the generated tokens come back
+        in `Generation.captured`; nothing is captured unless asked for. Raises
+        `CellError` for what cannot run (context too short, a bad layer or name).
+        """
+        generation = generation if generation is not None else GenerationConfig()
+        measure = measure if measure is not None else MeasureConfig()
+        self._check_capture(capture)
+        try:
+            resolve_layer(measure.early_layer, self.n_layers)
+            resolve_layer(measure.late_layer, self.n_layers)
+        except ValueError as exc:
+            raise CellError(f"measure: {exc}") from exc
+        rows = []
+        for i, state in enumerate(states):
+            if isinstance(state, PromptState):
+                rows.append(self._natural_state(state))
+            elif isinstance(state, PatchedState):
+                rows.append(state)
+            else:
+                raise CellError(f"generate {i}: a state is a PatchedState or a PromptState "
+                                f"(texts go through encode or patch), got "
+                                f"{type(state).__name__}")
+        out: list[Generation] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            batch = rows[start:start + self.max_batch_size]
+            out.extend(self._decoder.generate(batch, [generation] * len(batch),
+                                              [measure] * len(batch), capture))
         return out
 
-    def _text_scores(self, row: PreparedRow, text: str) -> dict[str, Any]:
-        names = [n for n in row.request.measure.scorers if n != "logprob_contrast"]
-        if not names:
-            return {}
-        from rloop_ray.scoring import score_text
+    # ------------------------------------------------------------------ run
+    def run(self, requests: Sequence[CellRequest]) -> list[dict[str, Any]]:
+        """Run cells; one result row per request, in order. Never raises for a bad cell.
 
-        return score_text(text, names)
+        The same steps as `patch` then `generate`, over cells: patches are prepared per
+        (target, source) group, then all prepared rows decode `max_batch_size` at a time,
+        each with its own generation and measure settings. A failure is a row with
+        `status="failed"`, `error_type` and `error` (message and traceback).
+        """
+        results: list[dict[str, Any] | None] = [None] * len(requests)
+        prepared: list[PreparedRow] = []
+        started = time.perf_counter()
+        groups: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, req in enumerate(requests):
+            groups.setdefault((req.target_text, req.source_text), []).append(i)
+        for indices in groups.values():
+            jobs = [_Job(i, requests[i].target_text, requests[i].source_text,
+                         requests[i].intervention) for i in indices]
+            for i, res in self._patch_group(jobs):
+                if isinstance(res, PatchedState):
+                    prepared.append(PreparedRow.bind(i, requests[i], res))
+                else:
+                    results[i] = {"cell_id": requests[i].cell_id, **_failure(res)}
+        for start in range(0, len(prepared), self.max_batch_size):
+            batch = prepared[start:start + self.max_batch_size]
+            for row, out in zip(batch, self._generate_isolated(batch)):
+                results[row.index] = out
+        elapsed = time.perf_counter() - started
+        final = []
+        for res in results:
+            assert res is not None  # every request got a prepared row or a failure
+            res.setdefault("engine_seconds", elapsed / max(1, len(requests)))
+            final.append(res)
+        return final
 
-    @torch.no_grad()
-    def _logprob_contrast(self, rows: list[PreparedRow], keys: list[torch.Tensor],
-                          values: list[torch.Tensor], valid: list[torch.Tensor]) -> list[float]:
-        """Mean log-prob per token of the recursive continuation minus the neutral one,
-        teacher-forced from each row's patched state (no sampling, low variance)."""
-        conts = [self._continuation_ids["recursive"], self._continuation_ids["neutral"]]
-        bsz = len(rows)
-        q_len = 1 + max(len(c) for c in conts)
-        inputs = torch.full((2 * bsz, q_len), self.tokenizer.pad_token_id or 0,
-                            device=self.device)
-        q_valid = torch.zeros((2 * bsz, q_len), dtype=torch.bool, device=self.device)
-        for half, cont in enumerate(conts):
-            for b, row in enumerate(rows):
-                seq = [row.first_token, *cont]
-                inputs[half * bsz + b, :len(seq)] = torch.tensor(seq)
-                q_valid[half * bsz + b, :len(seq)] = True
-        cache = _cache([k.repeat(2, 1, 1, 1) for k in keys],
-                       [v.repeat(2, 1, 1, 1) for v in values], reserve=q_len)
-        positions = torch.tensor([r.position for r in rows] * 2, device=self.device)
-        positions = positions[:, None] + torch.arange(q_len, device=self.device)[None, :]
-        doubled: dict[int, torch.Tensor] = {}
-        valid2 = [doubled.setdefault(id(v), v.repeat(2, 1)) for v in valid]
-        logits = self._forward(cache, valid2, inputs, positions, q_valid=q_valid)
-        logp = torch.log_softmax(logits, dim=-1)
-        means = []
-        for half, cont in enumerate(conts):
-            target = torch.tensor(cont, device=self.device)
-            lp = logp[half * bsz:(half + 1) * bsz, :len(cont)].gather(
-                -1, target[None, :, None].expand(bsz, -1, 1))[..., 0]
-            means.append(lp.mean(dim=1))
-        return (means[0] - means[1]).tolist()
+    def _generate_isolated(self, batch: list[PreparedRow]) -> list[dict[str, Any]]:
+        """Generate a batch; if it fails, rerun rows alone so one bad row fails alone."""
+        try:
+            return self._generate_and_measure(batch)
+        except Exception as exc:  # noqa: BLE001 - errors are data; isolated below
+            if len(batch) == 1:
+                return [{"cell_id": batch[0].request.cell_id, **batch[0].meta,
+                         **_failure(exc)}]
+            log.warning("batch of %d failed (%s); retrying rows one by one", len(batch), exc)
+            out = []
+            for row in batch:
+                out.extend(self._generate_isolated([row]))
+            return out
+
+    def _generate_and_measure(self, rows: list[PreparedRow]) -> list[dict[str, Any]]:
+        """Decode prepared cells as one batch, each with its own settings; result rows."""
+        gens = self._decoder.generate([r.state() for r in rows],
+                                      [r.request.generation for r in rows],
+                                      [r.request.measure for r in rows])
+        return [_row(r.request, g) for r, g in zip(rows, gens)]

@@ -1,14 +1,15 @@
 """Plain, picklable request/result types shared by the engine, the worker and the grid.
 
 They are the narrow interface of the engine (lm-eval-harness style): lists of
-`CellRequest` in, lists of result dicts out. Nothing here imports torch, so the
-grid, the store and the driver can use them without loading a model.
+`CellRequest` in, lists of result dicts out, and `Generation`s out of the composable
+`Engine.generate` step. Nothing here imports torch, so the grid, the store, the driver
+and a Ray client can use them without loading a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rloop_ray.vocab import (  # noqa: F401  (re-exported: the engine's vocabulary)
     ALIGNS,
@@ -18,6 +19,9 @@ from rloop_ray.vocab import (  # noqa: F401  (re-exported: the engine's vocabula
     PREFILL_SITES,
     SITES,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,29 @@ class CellRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Generation:
+    """One decoded continuation as plain data: what `Engine.generate` returns.
+
+    No torch tensors (lists, numpy arrays, Python values), so a `Generation` pickles out
+    of a Ray actor or into a notebook's cache without dragging the model's device or a
+    CUDA context along. `measures` holds exactly the measure columns `Engine.run` puts in
+    a row (`rv`, `pr_early`, `rv_status`, `rv_prompt`, `score_*`, ...), `meta` the patch
+    columns (`n_patched_positions`, `patched_layers`, `rope_consistent`,
+    `query_position`, ...), so a row is `meta | generation | measures`.
+    """
+
+    ids: list[int]
+    text: str
+    stop_reason: str  # "eos" | "max_new_tokens"
+    logprobs: list[float]
+    """log p(ids[t] | prompt, ids[:t]) under the model itself (temperature 1, no top-p),
+    one per step: the model's own belief, whatever the sampling settings were."""
+    measures: dict[str, Any] = field(default_factory=dict)
+    captured: dict[str, np.ndarray] = field(default_factory=dict)
+    """name -> float32 (n_layers, len(ids), dim): each requested module's output at every
+    layer for each generated token (the forward that fed that token)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # this row's share of the batch's decode time

@@ -1,0 +1,275 @@
+"""The `generate` step: decode a batch of patched states together, then measure each row.
+
+Rows may come from any mix of targets, sources and transplants: each layer's caches are
+left-padded to one tensor and masked by their own valid slots (`attention.py`), so rows
+of unequal (even per-layer unequal) length decode exactly as they would alone. Greedy or
+sampled (temperature, top-p) from a per-row generator seeded by the row's own seed, so a
+row's tokens do not depend on what else is in its batch. Per-step log-probabilities come
+from logits the loop has anyway; module outputs are captured only when asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from rloop_ray.engine import attention
+from rloop_ray.engine.hooks import hooks
+from rloop_ray.engine.measure import geometry, text_scores
+from rloop_ray.engine.states import PatchedState
+from rloop_ray.engine.types import Generation, GenerationConfig, MeasureConfig
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A cache layer with room reserved for the tokens still to come.
+
+    transformers' `DynamicLayer` concatenates at every step, copying the whole cache
+    each time (quadratic in the number of steps); decoding a batch of 32 rows spends a
+    visible share of its time there. Writing into a reserved buffer is the same
+    computation without the copies; past the reserve it falls back to concatenation.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
+        super().__init__()
+        bsz, heads, length, _ = keys.shape
+        self._k = keys.new_empty((bsz, heads, length + reserve, keys.shape[3]))
+        self._v = values.new_empty((bsz, values.shape[1], length + reserve, values.shape[3]))
+        self._k[:, :, :length] = keys
+        self._v[:, :, :length] = values
+        self._len = length
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        if self._len + n > self._k.shape[2]:
+            self._k = torch.cat([self._k[:, :, :self._len], key_states], dim=-2)
+            self._v = torch.cat([self._v[:, :, :self._len], value_states], dim=-2)
+        else:
+            self._k[:, :, self._len:self._len + n] = key_states
+            self._v[:, :, self._len:self._len + n] = value_states
+        self._len += n
+        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+        return self.keys, self.values
+
+
+def _cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+           reserve: int) -> DynamicCache:
+    """A DynamicCache over per-layer (B, H, T_l, D) tensors with `reserve` free slots."""
+    cache = DynamicCache()
+    cache.layers = [_PreallocatedLayer(k, v, reserve) for k, v in zip(keys, values)]
+    return cache
+
+
+class Decoder:
+    """Batched decoding and measuring on one loaded model (the engine owns one)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, adapter: Any, *,
+                 windows: Sequence[int | None], eos: set[int],
+                 continuations: dict[str, list[int]],
+                 check_context: Callable[[int], None]) -> None:
+        """`continuations`: the `logprob_contrast` scorer's token ids ("recursive",
+        "neutral"); `check_context(n)` raises when n positions exceed the model's."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.windows = list(windows)
+        self.n_layers = len(self.windows)
+        self.eos = eos
+        self.continuations = continuations
+        self.check_context = check_context
+        self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------ batching
+    def stack(self, rows: Sequence[PatchedState]) -> tuple[
+            list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Left-pad each layer's per-row caches to one (B, H, T_l, D) tensor + validity."""
+        keys, values, valid = [], [], []
+        prev_lens: list[int] | None = None
+        for layer in range(self.n_layers):
+            lens = [r.keys[layer].shape[1] for r in rows]
+            t_max = max(lens)
+            k0 = rows[0].keys[layer]
+            k = k0.new_zeros((len(rows), k0.shape[0], t_max, k0.shape[2]))
+            v0 = rows[0].values[layer]
+            v = v0.new_zeros((len(rows), v0.shape[0], t_max, v0.shape[2]))
+            for b, (row, n) in enumerate(zip(rows, lens)):
+                if n:
+                    k[b, :, t_max - n:] = row.keys[layer]
+                    v[b, :, t_max - n:] = row.values[layer]
+            if lens != prev_lens:  # layers with equal lengths share one validity tensor
+                ok = torch.zeros((len(rows), t_max), dtype=torch.bool, device=k0.device)
+                for b, n in enumerate(lens):
+                    ok[b, t_max - n:] = n > 0
+                prev_lens = lens
+            keys.append(k)
+            values.append(v)
+            valid.append(ok)
+        return keys, values, valid
+
+    @torch.no_grad()
+    def forward(self, cache: DynamicCache, valid: list[torch.Tensor], input_ids: torch.Tensor,
+                positions: torch.Tensor, q_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward of (B, q) new tokens on `cache`; extends `valid` in place. Logits fp32."""
+        q_len = input_ids.shape[1]
+        new_valid = torch.ones((input_ids.shape[0], q_len), dtype=torch.bool,
+                               device=input_ids.device) if q_valid is None else q_valid
+        # layers sharing a validity tensor (no transplant) share one mask: build each once
+        grown: dict[int, torch.Tensor] = {}
+        for layer in range(self.n_layers):
+            key = id(valid[layer])
+            if key not in grown:
+                grown[key] = torch.cat([valid[layer], new_valid], dim=1)
+            valid[layer] = grown[key]
+        built: dict[tuple[int, int | None], torch.Tensor] = {}
+        masks = []
+        for layer in range(self.n_layers):
+            key2 = (id(valid[layer]), self.windows[layer])
+            if key2 not in built:
+                built[key2] = attention.decode_mask(valid[layer], q_len, self.windows[layer])
+            masks.append(built[key2])
+        with attention.layer_masks(masks):
+            out = self.model(input_ids=input_ids, position_ids=positions, cache=cache,
+                             use_cache=True)
+        return out.logits.float()
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, gens: Sequence[GenerationConfig],
+                generators: list[torch.Generator | None]) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        picks = []
+        for b, gen in enumerate(gens):
+            if gen.temperature <= 0:
+                picks.append(int(greedy[b]))
+                continue
+            probs = torch.softmax(logits[b].cpu() / gen.temperature, dim=-1)
+            if gen.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < gen.top_p
+                probs = torch.zeros_like(probs).index_copy_(0, order[keep], sorted_p[keep])
+                probs = probs / probs.sum()
+            picks.append(int(torch.multinomial(probs, 1, generator=generators[b]).item()))
+        return picks
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, rows: Sequence[PatchedState], gens: Sequence[GenerationConfig],
+                 measures: Sequence[MeasureConfig], capture: Sequence[str] = ()
+                 ) -> list[Generation]:
+        """Decode `rows` as one batch (row b with `gens[b]`), then measure each row."""
+        started = time.perf_counter()
+        keys, values, valid = self.stack(rows)
+        base = [k.shape[2] for k in keys]  # slot of the first query, per layer
+        contrast = self.logprob_contrast(rows, keys, values, valid) \
+            if any("logprob_contrast" in m.scorers for m in measures) else None
+        for r, g in zip(rows, gens):
+            self.check_context(r.position + g.max_new_tokens + 1)
+        cache = _cache(keys, values, reserve=max(g.max_new_tokens for g in gens) + 1)
+        valid = list(valid)
+        bsz = len(rows)
+        positions = torch.tensor([r.position for r in rows], device=self.device)
+        tokens = [r.first_token for r in rows]
+        limits = [g.max_new_tokens for g in gens]
+        generated: list[list[int]] = [[] for _ in rows]
+        stop = ["max_new_tokens"] * bsz
+        done = [lim <= 0 for lim in limits]
+        generators = [torch.Generator().manual_seed(int(g.seed)) if g.temperature > 0
+                      else None for g in gens]
+        step_logprobs: list[torch.Tensor] = []  # per step (B,): kept on the device until the end
+        # name -> layer -> per step (B, 1, D): the forward of step s feeds generated token s-1
+        grabbed: dict[str, list[list[torch.Tensor]]] = {
+            n: [[] for _ in range(self.n_layers)] for n in capture}
+        step = 0
+        with hooks(self._capture_hooks(grabbed)):
+            while True:
+                logits = self.forward(cache, valid,
+                                      torch.tensor([tokens], device=self.device).T,
+                                      (positions + step)[:, None])
+                step += 1
+                if all(done):
+                    break  # this last feed only stored V (and captures) of the final tokens
+                last = logits[:, -1]
+                picks = self._sample(last, gens, generators)
+                chosen = torch.tensor(picks, device=last.device)
+                step_logprobs.append(last.gather(1, chosen[:, None])[:, 0]
+                                     - torch.logsumexp(last, dim=-1))
+                for b in range(bsz):
+                    if done[b]:
+                        continue
+                    tokens[b] = picks[b]
+                    generated[b].append(picks[b])
+                    if row_eos := (gens[b].stop_at_eos and picks[b] in self.eos):
+                        stop[b] = "eos"
+                    if row_eos or len(generated[b]) >= limits[b]:
+                        done[b] = True
+        gen_seconds = time.perf_counter() - started
+        logprobs = (torch.stack(step_logprobs, dim=1).tolist() if step_logprobs
+                    else [[] for _ in rows])
+        stacked = {n: [torch.cat(steps, dim=1) for steps in layers]
+                   for n, layers in grabbed.items()}
+        out = []
+        for b, (row, m) in enumerate(zip(rows, measures)):
+            n_gen = len(generated[b])
+            meas = geometry(m, self.n_layers, cache, valid, base, b, n_gen)
+            if contrast is not None and "logprob_contrast" in m.scorers:
+                meas["score_logprob_contrast"] = contrast[b]
+            text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
+            meas.update(text_scores(m.scorers, text))
+            captured = {
+                n: torch.stack([acts[b, 1:1 + n_gen] for acts in layers]).float().cpu().numpy()
+                for n, layers in stacked.items()}
+            out.append(Generation(
+                ids=generated[b], text=text, stop_reason=stop[b],
+                logprobs=[float(x) for x in logprobs[b][:n_gen]], measures=meas,
+                captured=captured, meta={**row.meta, "query_position": row.position},
+                seconds=gen_seconds / bsz))
+        return out
+
+    def _capture_hooks(self, grabbed: dict[str, list[list[torch.Tensor]]]):
+        """Hooks that keep each step's module output (B, 1, D), for `capture`."""
+        def keep(name: str, layer: int):
+            def fn(out: torch.Tensor) -> None:
+                grabbed[name][layer].append(out.detach())
+            return fn
+
+        return [(self.adapter.module(self.model, name, layer), keep(name, layer))
+                for name in grabbed for layer in range(self.n_layers)]
+
+    # ------------------------------------------------------------------ measure
+    @torch.no_grad()
+    def logprob_contrast(self, rows: Sequence[PatchedState], keys: list[torch.Tensor],
+                         values: list[torch.Tensor], valid: list[torch.Tensor]) -> list[float]:
+        """Mean log-prob per token of the recursive continuation minus the neutral one,
+        teacher-forced from each row's patched state (no sampling, low variance)."""
+        conts = [self.continuations["recursive"], self.continuations["neutral"]]
+        bsz = len(rows)
+        q_len = 1 + max(len(c) for c in conts)
+        inputs = torch.full((2 * bsz, q_len), self.tokenizer.pad_token_id or 0,
+                            device=self.device)
+        q_valid = torch.zeros((2 * bsz, q_len), dtype=torch.bool, device=self.device)
+        for half, cont in enumerate(conts):
+            for b, row in enumerate(rows):
+                seq = [row.first_token, *cont]
+                inputs[half * bsz + b, :len(seq)] = torch.tensor(seq)
+                q_valid[half * bsz + b, :len(seq)] = True
+        cache = _cache([k.repeat(2, 1, 1, 1) for k in keys],
+                       [v.repeat(2, 1, 1, 1) for v in values], reserve=q_len)
+        positions = torch.tensor([r.position for r in rows] * 2, device=self.device)
+        positions = positions[:, None] + torch.arange(q_len, device=self.device)[None, :]
+        doubled: dict[int, torch.Tensor] = {}
+        valid2 = [doubled.setdefault(id(v), v.repeat(2, 1)) for v in valid]
+        logits = self.forward(cache, valid2, inputs, positions, q_valid=q_valid)
+        logp = torch.log_softmax(logits, dim=-1)
+        means = []
+        for half, cont in enumerate(conts):
+            target = torch.tensor(cont, device=self.device)
+            lp = logp[half * bsz:(half + 1) * bsz, :len(cont)].gather(
+                -1, target[None, :, None].expand(bsz, -1, 1))[..., 0]
+            means.append(lp.mean(dim=1))
+        return (means[0] - means[1]).tolist()
+
