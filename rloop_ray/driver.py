@@ -232,7 +232,9 @@ def ray_session(
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
+        # "local", not None: with no address Ray joins any cluster a `ray start` left
+        # running on this machine (its ray_current_cluster file) instead of starting one
+        kwargs.update(address="local", include_dashboard=False, dashboard_host="127.0.0.1")
         if num_cpus is not None:
             kwargs["num_cpus"] = int(num_cpus)
         if num_gpus is not None:

@@ -10,12 +10,13 @@ segfault) surfaces as a Ray error for the driver to handle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from rloop_ray.engine.types import CellRequest
@@ -270,6 +271,10 @@ class SpecEngineFactory:
     def __call__(self, model: str) -> EngineLike:
         from rloop_ray.engine import Engine
 
+        with quiet_model_loading():
+            return self._load(model, Engine)
+
+    def _load(self, model: str, engine_cls: Callable[..., EngineLike]) -> EngineLike:
         path, kwargs = self.engine_kwargs(model)
         max_memory = kwargs.pop("max_memory", None)
         if max_memory is not None:  # resolved here: `Engine` takes a device_map only
@@ -281,7 +286,36 @@ class SpecEngineFactory:
                 trust_remote_code=kwargs.get("trust_remote_code", False),
                 revision=kwargs.get("revision"),
             )
-        return Engine(path, **kwargs)
+        return engine_cls(path, **kwargs)
+
+
+VERBOSE_ENV = "RLOOP_VERBOSE"
+"""`1` in the workers of a verbose driver's local cluster (set by `driver.ray_session`)."""
+
+
+@contextlib.contextmanager
+def quiet_model_loading() -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars off while a model loads.
+
+    A worker's "Loading weights" bar is forwarded by Ray onto the driver's progress line, or,
+    in the local backend, drawn over it; the driver shows the phase (`loading <model>`)
+    instead. Kept on when the sweep runs verbose (`RLOOP_VERBOSE=1` in the worker, or this
+    process logging rloop_ray at DEBUG). The previous setting is restored afterwards, so a
+    notebook that loads models itself keeps its bars.
+    """
+    if (os.environ.get(VERBOSE_ENV) == "1"
+            or logging.getLogger("rloop_ray").isEnabledFor(logging.DEBUG)):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def gpu_device_map(

@@ -1,19 +1,25 @@
-"""Figures and the report: every PNG is a real image with content; the report says what
-the data says (notes, failures, skipped figures) and its HTML is self-contained."""
+"""Figures and the report: every figure is a real image (PNG at >= 150 dpi with an SVG beside
+it), panels constant by construction are not drawn, cell labels stay readable; the report
+says what the data says (notes, failures, skipped figures) and its HTML is
+self-contained."""
 
 from __future__ import annotations
 
 import base64
 import io
 import re
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from matplotlib import image as mpimg
+from PIL import Image
 from synthetic import Effects, Point, make_sweep
 from typer.testing import CliRunner
 
 from rloop_ray.analysis import report
+from rloop_ray.analysis.figures import DPI, text_colour
 from rloop_ray.cli import app
 
 N_BOOT = 200
@@ -46,34 +52,75 @@ def full(tmp_path_factory: pytest.TempPathFactory):
     return sw, out
 
 
+def assert_figure_files(png, svg) -> None:
+    """A PNG of real content at >= 150 dpi, and an SVG beside it that parses."""
+    assert_real_png(str(png))
+    with Image.open(png) as im:
+        dpi = im.info.get("dpi")
+    assert dpi is not None and min(dpi) >= 150 - 0.5, f"{png}: dpi {dpi}"
+    assert svg is not None and svg.is_file() and svg.stem == png.stem
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg") and len(root) > 0
+
+
 def test_every_figure_is_a_real_image(full):
     sw, out = full
     drawn = [f for f in out.figures if f.path is not None]
     kinds = {re.sub(r"_(rv|score).*$", "", f.name) for f in drawn}
     assert {"transfer_heatmap", "alpha_dose", "rv_by_group", "rv_trajectory", "rv_vs"} <= kinds
     pngs = sorted((sw.path / "figures").glob("*.png"))
-    assert len(pngs) == len(drawn)
-    for path in pngs:
-        assert_real_png(str(path))
+    assert len(pngs) == len(drawn) == len(list((sw.path / "figures").glob("*.svg")))
+    for fig in drawn:
+        assert_figure_files(fig.path, fig.svg)
     assert not [f for f in out.figures if f.skipped]
+    assert DPI >= 150
 
 
-def test_heatmap_has_one_panel_per_model_and_alpha(full):
+def test_heatmap_puts_the_controls_beside_the_patch_and_drops_constant_panels(full):
     _, out = full
     heat = next(f for f in out.figures if f.name == "transfer_heatmap_rv_kv_mix_end")
     pixels = assert_real_png(str(heat.path))
-    # 2 models x 2 alphas: the figure is wider than tall and both are large
-    assert pixels.shape[1] > 600 and pixels.shape[0] > 500
+    # rows: 2 models x 2 alphas (0.5, 1); columns: patch, shuffle, random
+    assert pixels.shape[1] > 1000 and pixels.shape[0] > 600
+    assert "controls" in heat.title and "alpha = 0 panels are not drawn" in heat.caption
+
+
+def test_alpha_zero_panels_are_not_drawn(tmp_path):
+    sw = make_sweep(tmp_path, "zero", models=("llama-tiny",), n_prompts=6, alphas=(0.0, 1.0),
+                    controls=("shuffle",), trajectory_steps=0)
+    out = report.write_report(sw.path, n_resamples=N_BOOT)
+    heat = next(f for f in out.figures if f.name.startswith("transfer_heatmap_rv"))
+    svg = heat.svg.read_text()
+    assert "llama-tiny, α = 1" in svg and "patch (C)" in svg
+    assert "α = 0" not in svg
+
+
+@pytest.mark.parametrize("value", np.linspace(0.0, 1.0, 21))
+def test_cell_labels_contrast_with_every_cell_colour(value):
+    rgba = colormaps["RdBu_r"](value)
+    colour = text_colour(rgba)
+
+    def luminance(c):
+        def ch(x):
+            return x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4
+        return 0.2126 * ch(c[0]) + 0.7152 * ch(c[1]) + 0.0722 * ch(c[2])
+
+    cell = luminance(rgba)
+    text = 0.0 if colour == "black" else 1.0
+    ratio = (max(cell, text) + 0.05) / (min(cell, text) + 0.05)
+    assert ratio >= 4.5, (value, colour, ratio)  # WCAG AA for normal text
 
 
 def test_report_markdown_has_run_tables_notes_and_figures(full):
     sw, out = full
     md = out.markdown.read_text()
-    for section in ("## What was run", "## Completeness and failures", "## Findings",
-                    "## Classic comparisons", "## Transfer efficiency", "## Controls",
-                    "## Dose-response", "## R_V and behaviour", "## Models side by side",
-                    "## Per condition", "## Figures"):
-        assert section in md
+    order = ["## Summary", "## Example generations", "## Figures", "## Appendix: full tables",
+             "### Findings", "### Completeness and failures", "### Classic comparisons",
+             "### Transfer efficiency", "### Controls", "### Dose-response",
+             "### R_V and behaviour", "### Models side by side", "### Per condition",
+             "## Provenance"]
+    positions = [md.index(section) for section in order]
+    assert positions == sorted(positions), "sections out of order"
     assert "spec_hash" in md and "versions:" in md
     assert "llama-tiny" in md and "mistral-tiny" in md
     n_failed = int((sw.written["status"] == "failed").sum())
@@ -83,6 +130,7 @@ def test_report_markdown_has_run_tables_notes_and_figures(full):
     assert "p_fdr" in md and "sig" in md
     for fig in out.figures:
         assert f"](figures/{fig.name}.png)" in md
+        assert f"(figures/{fig.name}.svg)" in md
     assert (sw.path / "stats" / "comparisons.parquet").is_file()
 
 
@@ -135,11 +183,11 @@ def test_cli_stats_end_to_end(tmp_path):
     for png in (sw.path / "figures").glob("*.png"):
         assert_real_png(str(png))
 
-    only = CliRunner().invoke(app, ["stats", str(sw.path), "-m", "rv", "--no-figures",
+    only = CliRunner().invoke(app, ["stats", str(sw.path), "--metric", "rv", "--no-figures",
                                     "--n-resamples", "200"])
     assert only.exit_code == 0, only.output
 
-    bad = CliRunner().invoke(app, ["stats", str(sw.path), "-m", "nope"])
+    bad = CliRunner().invoke(app, ["stats", str(sw.path), "--metric", "nope"])
     assert bad.exit_code == 2 and "Available" in bad.output
     missing = CliRunner().invoke(app, ["stats", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2

@@ -12,8 +12,13 @@ instead of analysed. The modules, each one job:
     effects      transfer efficiency, dose-response, R_V vs behaviour, models side by side
     completeness planned vs done, missing conditions, failures by type
     tables       `compute_stats` / `run_stats` (one FDR family) and `write_tables`
+    identity     alpha = 0 and `self` cells checked against natural (exact matches)
+    power        the effect a test of the design detects with 80% power
+    summary      the answer per model: effects, controls, transfer, verdicts
+    examples     generations side by side for a seeded handful of pairs
     notes        the plain-language findings
-    figures, document, report   the PNGs, the document model, report.md / report.html
+    figures      the figures (PNG and SVG)
+    document, report   the context, its Jinja2 templates (templates/), report.md / .html
     rating       blind rating sheets in, `score_human` out
 
 Methods and the reasons for them: docs/statistics.md.

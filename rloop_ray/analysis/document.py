@@ -1,173 +1,37 @@
-"""A tiny document model rendered twice: Markdown and a self-contained HTML page.
+"""Rendering the report: one context, two Jinja2 templates, tables rendered by pandas.
 
-The report is laid out once, as a list of blocks, and rendered by both writers, so the
-Markdown and the HTML can never disagree. The HTML embeds its images (base64) so it can
-be mailed or archived as one file; the Markdown links them relative to its folder.
+The report is laid out once, as a context of plain values and DataFrames (report.py), and
+rendered by `templates/report.md.j2` and `templates/report.html.j2`, so the Markdown and
+the HTML can never disagree. Tables go through pandas' own renderers (`DataFrame.to_html`,
+`DataFrame.to_markdown`) after every value is formatted here once, so both files show
+the same digits. The HTML template autoescapes everything; the only markup that passes
+unescaped is table cells escaped in `html_table` and the `code` spans of `inline`. The HTML
+embeds its images (base64) so it can be mailed or archived as one file; the Markdown
+links them relative to its folder.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup, escape
 
-from rloop_ray.analysis.figures import FigureInfo
-
+TEMPLATE_PACKAGE = "rloop_ray.analysis"
+TEMPLATE_DIR = "templates"
 MAX_ROWS = 60
-"""Rows shown per table; the full tables are the Parquet files under stats/."""
+"""Rows shown per appendix table; the full tables are the Parquet files under stats/."""
 
 
-@dataclass
-class Block:
-    """One piece of the report; which fields matter depends on `kind`."""
-
-    kind: str  # heading | para | bullets | table | figure | code
-    text: str = ""
-    level: int = 2
-    items: list[tuple[str, str]] = field(default_factory=list)  # (level, text) for bullets
-    table: pd.DataFrame | None = None
-    more: int = 0
-    source: str = ""
-    figure: FigureInfo | None = None
-
-
-class Document:
-    """Blocks in order; `markdown()` and `html()` render the same content."""
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-        self.blocks: list[Block] = []
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(Block("heading", text=text, level=level))
-
-    def para(self, text: str) -> None:
-        self.blocks.append(Block("para", text=text))
-
-    def bullets(self, items: Sequence[str | tuple[str, str]]) -> None:
-        pairs = [(i if isinstance(i, tuple) else ("info", i)) for i in items]
-        pairs = [(level, " ".join(text.split())) for level, text in pairs]  # one line each
-        self.blocks.append(Block("bullets", items=list(pairs)))
-
-    def table(self, frame: pd.DataFrame, source: str = "", max_rows: int = MAX_ROWS) -> None:
-        shown = frame.head(max_rows)
-        self.blocks.append(Block("table", table=shown, more=len(frame) - len(shown),
-                                 source=source))
-
-    def figure(self, info: FigureInfo) -> None:
-        self.blocks.append(Block("figure", figure=info))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(Block("code", text=text))
-
-    # -- Markdown ---------------------------------------------------------------------------
-
-    def markdown(self, base: Path) -> str:
-        out = [f"# {self.title}", ""]
-        for b in self.blocks:
-            if b.kind == "heading":
-                out += ["#" * b.level + " " + b.text, ""]
-            elif b.kind == "para":
-                out += [b.text, ""]
-            elif b.kind == "bullets":
-                out += [f"- {'**Warning:** ' if lvl == 'warning' else ''}{t}" for lvl, t in b.items]
-                out.append("")
-            elif b.kind == "table" and b.table is not None:
-                out += _md_table(b.table)
-                if b.more:
-                    out.append(f"\n*{b.more} more rows in `{b.source}`.*")
-                out.append("")
-            elif b.kind == "figure" and b.figure is not None:
-                f = b.figure
-                if f.path is not None:
-                    rel = Path(f.path).resolve().relative_to(base.resolve()) if _inside(
-                        f.path, base) else Path(f.path)
-                    out += [f"**{f.title}**", "", f"![{f.title}]({rel.as_posix()})", "",
-                            f.caption, ""]
-                else:
-                    out += [f"**{f.title}**: skipped: {f.skipped}", ""]
-            elif b.kind == "code":
-                out += ["```", b.text, "```", ""]
-        return "\n".join(out).rstrip() + "\n"
-
-    # -- HTML -------------------------------------------------------------------------------
-
-    def html(self) -> str:
-        parts = [
-            "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-            f"<title>{html.escape(self.title)}</title>", f"<style>{_CSS}</style>",
-            "</head><body>", f"<h1>{html.escape(self.title)}</h1>",
-        ]
-        for b in self.blocks:
-            if b.kind == "heading":
-                lvl = min(max(b.level, 2), 6)
-                parts.append(f"<h{lvl}>{html.escape(b.text)}</h{lvl}>")
-            elif b.kind == "para":
-                parts.append(f"<p>{_inline(b.text)}</p>")
-            elif b.kind == "bullets":
-                items = "".join(
-                    f"<li class=\"{lvl}\">{'<b>Warning:</b> ' if lvl == 'warning' else ''}"
-                    f"{_inline(t)}</li>" for lvl, t in b.items
-                )
-                parts.append(f"<ul>{items}</ul>")
-            elif b.kind == "table" and b.table is not None:
-                parts.append(_html_table(b.table))
-                if b.more:
-                    parts.append(f"<p class=\"more\">{b.more} more rows in "
-                                 f"<code>{html.escape(b.source)}</code>.</p>")
-            elif b.kind == "figure" and b.figure is not None:
-                f = b.figure
-                if f.path is not None and Path(f.path).is_file():
-                    data = base64.b64encode(Path(f.path).read_bytes()).decode("ascii")
-                    parts.append(
-                        f"<figure><img alt=\"{html.escape(f.title)}\" "
-                        f"src=\"data:image/png;base64,{data}\"><figcaption><b>"
-                        f"{html.escape(f.title)}</b>. {html.escape(f.caption)}</figcaption>"
-                        f"</figure>"
-                    )
-                else:
-                    parts.append(f"<p class=\"skipped\"><b>{html.escape(f.title)}</b>: skipped: "
-                                 f"{html.escape(f.skipped or 'file missing')}</p>")
-            elif b.kind == "code":
-                parts.append(f"<details><summary>show</summary><pre>{html.escape(b.text)}</pre>"
-                             f"</details>")
-        parts.append("</body></html>")
-        return "\n".join(parts) + "\n"
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-    "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
-    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-    "th{background:#f3f3f3}td.t{text-align:left}li.warning{color:#8a4b00}"
-    "img{max-width:100%}figure{margin:1em 0}.skipped,.more{color:#666;font-style:italic}"
-    "pre{background:#f6f6f6;padding:0.5em;overflow-x:auto}"
-)
-
-
-def _inside(path: Path, base: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(base.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _inline(text: str) -> str:
-    """Escape, then render `code` spans (the only inline markup the report uses)."""
-    escaped = html.escape(text)
-    pieces = escaped.split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
-
-
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """One value as the report prints it (3-4 significant digits, blanks for missing)."""
     if value is None:
         return ""
     if isinstance(value, (bool, np.bool_)):
@@ -181,34 +45,120 @@ def _cell(value: Any) -> str:
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
             return f"{v:.2e}"
         return f"{v:.3g}" if abs(v) < 1 else f"{v:.4g}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(cell_text(v) for v in value)
     return str(value)
 
 
-def _md_table(frame: pd.DataFrame) -> list[str]:
-    if frame.empty:
-        return ["*(no rows)*"]
-    cols = [str(c) for c in frame.columns]
-
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(esc(c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(esc(_cell(v)) for v in row) + " |")
-    return lines
+def format_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every value as text, column labels as text: what both renderers print."""
+    out = pd.DataFrame({str(c): [cell_text(v) for v in frame[c]] for c in frame.columns},
+                       index=range(len(frame)))
+    return out
 
 
-def _html_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "<p class=\"more\">(no rows)</p>"
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = []
-    for row in frame.itertuples(index=False):
-        cells = []
-        for v in row:
-            text = _cell(v)
-            cls = " class=\"t\"" if isinstance(v, str) else ""
-            cells.append(f"<td{cls}>{html.escape(text)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+def html_table(frame: pd.DataFrame | None, css: str = "") -> Markup:
+    """A table through `DataFrame.to_html`; every value escaped here, line breaks kept.
+
+    pandas would print a newline inside a cell as a literal `\\n`, so values are escaped
+    with markupsafe first and their newlines become `<br>`; pandas then renders the table
+    with `escape=False` (nothing unescaped is left to pass through).
+    """
+    if frame is None or frame.empty:
+        return Markup('<p class="more">(no rows)</p>')
+
+    def safe(text: str) -> str:
+        return str(escape(text)).replace("\n", "<br>")
+
+    flat = format_frame(frame).map(safe)
+    flat.columns = [safe(c) for c in flat.columns]
+    text = flat.to_html(index=False, escape=False, border=0, classes=["tbl", *css.split()],
+                        na_rep="")
+    return Markup(text)
+
+
+def md_table(frame: pd.DataFrame | None) -> str:
+    """A pipe table through `DataFrame.to_markdown` (tabulate); one line per row."""
+    if frame is None or frame.empty:
+        return "*(no rows)*"
+    flat = format_frame(frame)
+
+    def one_line(text: str) -> str:
+        return " ".join(text.replace("|", "\\|").replace("\n", " \u00b7 ").split())
+
+    flat = flat.map(one_line)
+    flat.columns = [one_line(c) for c in flat.columns]
+    return flat.to_markdown(index=False, disable_numparse=True)
+
+
+def inline_html(text: str) -> Markup:
+    """Escape, then render `code` spans (the only inline markup the report's text uses)."""
+    pieces = str(escape(text)).split("`")
+    return Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces)))
+
+
+def data_uri(path: Path | None, mime: str = "image/png") -> str:
+    """A file as a `data:` URI, so the HTML holds its images; empty when the file is gone."""
+    if path is None or not Path(path).is_file():
+        return ""
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+CSS_DPI = 96
+"""A CSS pixel is 1/96 inch: a figure drawn at `figures.DPI` is shown at its drawn size."""
+
+
+def css_width(path: Path | None, dpi: float) -> int | None:
+    """The width a PNG is shown at in the HTML: its size in inches, not its pixel count.
+
+    Figures are drawn at a high dpi to stay sharp; shown one image pixel per screen pixel
+    they would be 1.7 times their intended size, text included. Read from the PNG header
+    (the IHDR chunk), so no image library is needed.
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    width = struct.unpack(">I", head[16:20])[0]
+    return round(width * CSS_DPI / dpi)
+
+
+def relative(path: Path | None, base: Path) -> str:
+    """`path` relative to the report's folder when inside it (Markdown links), else as is."""
+    if path is None:
+        return ""
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _environment(autoescape: bool, filters: dict[str, Callable[..., Any]]) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, TEMPLATE_DIR),
+        autoescape=autoescape,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(filters)
+    return env
+
+
+def render_markdown(context: dict[str, Any], base: Path) -> str:
+    """The Markdown report; figure links relative to `base`, the report's folder."""
+    env = _environment(False, {"table": md_table, "inline": str,
+                               "rel": lambda p: relative(p, base)})
+    text = env.get_template("report.md.j2").render(**context)
+    return "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
+
+
+def render_html(context: dict[str, Any], dpi: float) -> str:
+    """The self-contained HTML report (styles inline, images embedded at their size)."""
+    env = _environment(True, {"table": html_table, "inline": inline_html,
+                              "data_uri": data_uri,
+                              "css_width": lambda p: css_width(p, dpi)})
+    return env.get_template("report.html.j2").render(**context)

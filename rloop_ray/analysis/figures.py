@@ -1,9 +1,14 @@
-"""Figures of a sweep's statistics: PNG files the report embeds.
+"""Figures of a sweep's statistics: PNG (for the report) and SVG (for papers) files.
 
-Each figure is drawn from the tables `compute_stats` computed (or the cells they came from), so
-a figure never shows a number the tables do not hold. A figure whose data the sweep does
-not have (a single alpha, no trajectories, no behaviour score) is skipped with a reason,
-and the report says so instead of showing an empty plot.
+Each figure is drawn from the tables `compute_stats` computed (or the cells they came
+from), so a figure never shows a number the tables do not hold. They are meant to be read
+at a glance: 160 dpi, text at 9-11 pt, nothing clipped (constrained layout, tight bounding
+box), significance after FDR marked on the marks themselves (* p_fdr < q, ** < 0.01,
+*** < 0.001), the controls drawn beside the patch they stand for, and cell labels in
+black or white by the luminance of the cell's colour. Panels that are constant by
+construction (an alpha = 0 mix is the unpatched run, its transfer is 0) are not drawn.
+A figure whose data the sweep does not have (a single alpha, no trajectories, no
+behaviour score) is skipped with a reason, and the report says so.
 
 Drawing uses matplotlib's object API on the Agg canvas (no pyplot, no global state), so it
 is safe in tests, on headless workers and in threads.
@@ -21,18 +26,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import stats as sstats
 
+from rloop_ray.analysis.comparisons import (
+    CONTROL_PREFIX,
+    GROUP_EFFECT,
+    NECESSITY,
+    PATCH_EFFECT,
+    SUFFICIENCY,
+)
 from rloop_ray.analysis.estimators import t_interval
-from rloop_ray.analysis.labels import HUMAN_SCORE, SCORE_PREFIX
+from rloop_ray.analysis.identity import identity_kind
+from rloop_ray.analysis.labels import HUMAN_SCORE, SCORE_PREFIX, numeric
 from rloop_ray.analysis.tables import StatsResult
 from rloop_ray.vocab import (
     BASELINE_GROUP,
     LONG_CONTROL_GROUP,
     NATURAL,
+    PATCH,
+    PATCH_CONTROLS,
     RECURSIVE_GROUP,
+    SELF,
     STATUS_OK,
 )
 
@@ -42,18 +60,27 @@ FIGURES_DIR = "figures"
 PRIMARY_SCORES = (HUMAN_SCORE, "score_logprob_contrast", "score_self_ref", "score_keywords")
 """Behaviour scores in order of preference for the one-score figures (least noisy first,
 after a human rating when there is one)."""
-DPI = 100
+DPI = 160
+"""PNG resolution: sharp on a laptop screen and in print at column width."""
+FONT = 10
+SMALL = 9
+MAX_PANELS = 12
+"""Panels per figure; a larger grid is cut (the tables hold every point)."""
+CONTROL_STYLE = {PATCH: ("o", "-"), "shuffle": ("s", ":"), "random": ("^", "--"),
+                 "other": ("D", "-."), SELF: ("v", ":")}
+"""Marker and line style per condition kind, the same in every figure."""
 
 
 @dataclass(frozen=True)
 class FigureInfo:
-    """One figure: where it was written, or why it was not drawn."""
+    """One figure: where it was written (PNG, and SVG beside it), or why it was not drawn."""
 
     name: str
     title: str
     caption: str
     path: Path | None = None
     skipped: str | None = None
+    svg: Path | None = None
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -67,8 +94,30 @@ def spec_sort_key(spec: str) -> tuple[float, float, str]:
     return (first, second, str(spec))
 
 
+def stars(p: float, q: float) -> str:
+    """The significance mark of a p_fdr: `*` < q, `**` < 0.01, `***` < 0.001, else empty."""
+    if p is None or not np.isfinite(p) or p >= q:
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*"
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on a cell of this colour (WCAG luminance)."""
+    def channel(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(float(c)) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    # contrast with black (L + 0.05) / 0.05 vs with white 1.05 / (L + 0.05): equal at ~0.179
+    return "black" if luminance > 0.179 else "white"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _measure(metric: str) -> str:
+    return "R_V" if metric == "rv" else metric.removeprefix(SCORE_PREFIX)
 
 
 def _new_figure(n_rows: int, n_cols: int, cell: tuple[float, float] = (4.6, 3.6)
@@ -79,20 +128,33 @@ def _new_figure(n_rows: int, n_cols: int, cell: tuple[float, float] = (4.6, 3.6)
     return fig, axes
 
 
-def _save(fig: Figure, out_dir: Path, name: str) -> Path:
+def _save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """PNG and SVG, each written beside its final name and renamed (no half files)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    tmp = out_dir / f".{name}.png.tmp"
-    fig.savefig(tmp, format="png", dpi=DPI)
-    tmp.replace(path)
-    return path
+    paths = []
+    for ext in ("png", "svg"):
+        path = out_dir / f"{name}.{ext}"
+        tmp = out_dir / f".{name}.{ext}.tmp"
+        fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight", pad_inches=0.08)
+        tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _drawn(name: str, title: str, caption: str, paths: tuple[Path, Path]) -> FigureInfo:
+    return FigureInfo(name, title, caption, path=paths[0], svg=paths[1])
+
+
+def _varies(result: StatsResult, metric: str) -> bool:
+    cells = _ok_cells(result)
+    return metric in cells and numeric(cells, metric).dropna().nunique() > 1
 
 
 def figure_metrics(result: StatsResult) -> list[str]:
-    """R_V and the preferred behaviour score, those the sweep has."""
-    out = ["rv"] if "rv" in result.metrics else []
+    """R_V and the preferred behaviour score that varies, those the sweep has."""
+    out = ["rv"] if "rv" in result.metrics and _varies(result, "rv") else []
     for score in PRIMARY_SCORES:
-        if score in result.metrics:
+        if score in result.metrics and _varies(result, score):
             out.append(score)
             break
     return out
@@ -105,126 +167,279 @@ def _ok_cells(result: StatsResult) -> pd.DataFrame:
     return cells[cells["status"] == STATUS_OK]
 
 
+def _p_fdr(result: StatsResult, **where: object) -> float:
+    """p_fdr of the first comparison row matching `where` (NaN if none)."""
+    cmp = result.comparisons
+    if cmp.empty:
+        return math.nan
+    sel = pd.Series(True, index=cmp.index)
+    for col, val in where.items():
+        if isinstance(val, float) and math.isnan(val):
+            sel &= cmp[col].isna()
+        elif isinstance(val, tuple):
+            sel &= cmp[col].isin(val)
+        else:
+            sel &= cmp[col] == val
+    hit = cmp[sel]
+    return float(hit["p_fdr"].iloc[0]) if len(hit) else math.nan
+
+
+def _legend_below(fig: Figure, axes: np.ndarray) -> None:
+    """One legend for the figure, below the panels (never over the data)."""
+    seen: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        labels = sorted(seen, key=lambda label: "natural" in label)  # references last
+        fig.legend([seen[k] for k in labels], labels, loc="outside lower center",
+                   ncols=min(4, len(labels)), fontsize=SMALL, frameon=False)
+
+
 # --- transfer heatmap ---------------------------------------------------------------------
+
+
+def _natural_means(cond: pd.DataFrame, model: str, metric: str) -> tuple[float, float]:
+    nat = cond[(cond["control"] == NATURAL) & (cond["model"] == model)
+               & (cond["metric"] == metric)]
+    a = nat.loc[nat["target_group"] == BASELINE_GROUP, "mean"]
+    b = nat.loc[nat["target_group"] == RECURSIVE_GROUP, "mean"]
+    return (float(a.iloc[0]) if len(a) else math.nan, float(b.iloc[0]) if len(b) else math.nan)
+
+
+def _heat_panel(ax: Axes, values: np.ndarray, notes: np.ndarray, layers: list[str],
+                tokens: list[str], norm: Normalize, title: str, row_label: str | None) -> object:
+    """One layers x tokens panel; `row_label` (model, alpha) only on a row's first panel."""
+    cmap = colormaps["RdBu_r"]
+    masked = np.ma.masked_invalid(values)
+    image = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto")
+    ax.set_facecolor("#e6e6e6")
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            colour = text_colour(cmap(norm(float(np.clip(v, norm.vmin, norm.vmax)))))
+            ax.text(c, r, notes[r, c], ha="center", va="center", fontsize=SMALL,
+                    color=colour)
+        else:
+            ax.text(c, r, "n/a", ha="center", va="center", fontsize=SMALL, color="#555555")
+    ax.set_xticks(range(len(tokens)), tokens, fontsize=SMALL)
+    ax.set_yticks(range(len(layers)), layers if row_label else [""] * len(layers),
+                  fontsize=SMALL)
+    ax.set_xlabel("tokens", fontsize=FONT)
+    if row_label:
+        ax.set_ylabel(f"{row_label}\nlayers", fontsize=FONT)
+    ax.set_title(title, fontsize=FONT)
+    return image
 
 
 def transfer_heatmaps(result: StatsResult, out_dir: Path, metrics: Sequence[str]
                       ) -> list[FigureInfo]:
-    """Transfer efficiency (C-A)/(B-A) over layers x tokens; a panel per model and alpha."""
+    """Transfer (X-A)/(B-A) over layers x tokens for the patch (X = C) and each control.
+
+    A row of panels per model and alpha (alpha = 0 mixes are left out: the unpatched run
+    by construction); each cell shows the value, the patch's bootstrap interval and the
+    significance of the condition against natural.
+    """
     tr = result.transfer
-    title = "Transfer efficiency by layers x tokens"
+    title = "Transfer by layers x tokens, patch beside its controls"
     if tr.empty or not np.isfinite(tr["efficiency"].astype(float)).any():
         return [FigureInfo("transfer_heatmap", title, "", skipped=(
             "no intervention point has A, B and C cells to compute transfer efficiency"
         ))]
+    cond, q = result.conditions, result.q
     out: list[FigureInfo] = []
     for metric in metrics:
         sub = tr[(tr["metric"] == metric) & np.isfinite(tr["efficiency"].astype(float))]
+        sub = sub[[identity_kind(PATCH, m, a) is None
+                   for m, a in zip(sub["mode"], sub["alpha"], strict=True)]]
         if sub.empty:
-            out.append(FigureInfo(f"transfer_heatmap_{metric}", f"{title}: {metric}", "",
-                                  skipped=f"no transfer efficiency for {metric}"))
+            out.append(FigureInfo(f"transfer_heatmap_{metric}", f"{title}: {_measure(metric)}",
+                                  "", skipped=f"no transfer efficiency for {metric} beyond "
+                                              f"alpha = 0"))
             continue
         for (site, mode, align), fam in sub.groupby(["site", "mode", "align"], sort=True):
-            models = sorted(fam["model"].unique())
-            alphas = sorted(fam["alpha"].unique())
+            controls = sorted(
+                {c for c in cond.loc[(cond["site"] == site) & (cond["mode"] == mode)
+                                     & (cond["target_group"] == BASELINE_GROUP), "control"]
+                 if c in PATCH_CONTROLS and c != SELF},
+                key=lambda c: PATCH_CONTROLS.index(c))
+            kinds = [PATCH, *controls]
+            panels = [(m, a) for m in sorted(fam["model"].unique())
+                      for a in sorted(fam.loc[fam["model"] == m, "alpha"].unique())]
+            panels = panels[: max(1, MAX_PANELS // len(kinds))]
             layers = sorted(fam["layers"].unique(), key=spec_sort_key)
             tokens = sorted(fam["tokens"].unique(), key=spec_sort_key)
-            fig, axes = _new_figure(len(models), len(alphas),
-                                    cell=(max(3.2, 1.1 * len(tokens) + 2), max(2.6, 0.5 *
-                                                                               len(layers) + 1.8)))
-            values = fam["efficiency"].astype(float)
-            lim = float(min(max(1.0, np.nanmax(np.abs(values))), 2.0))
+            fig, axes = _new_figure(len(panels), len(kinds), cell=(
+                max(2.6, 1.15 * len(tokens) + 1.6), max(2.2, 0.55 * len(layers) + 1.5)))
+            grids: list[tuple[np.ndarray, np.ndarray]] = []
+            for model, alpha in panels:
+                a_mean, b_mean = _natural_means(cond, model, metric)
+                for kind in kinds:
+                    vals = np.full((len(layers), len(tokens)), np.nan)
+                    notes = np.full(vals.shape, "", dtype=object)
+                    for i, lay in enumerate(layers):
+                        for j, tok in enumerate(tokens):
+                            vals[i, j], notes[i, j] = _heat_value(
+                                result, fam, model, alpha, lay, tok, kind, metric,
+                                (site, mode, align), a_mean, b_mean, q)
+                    grids.append((vals, notes))
+            finite = np.concatenate([v[np.isfinite(v)] for v, _ in grids])
+            lim = float(min(max(1.0, np.max(np.abs(finite)) if len(finite) else 1.0), 2.0))
+            norm = Normalize(-lim, lim)
             image = None
-            for i, model in enumerate(models):
-                for j, alpha in enumerate(alphas):
-                    ax = axes[i, j]
-                    panel = fam[(fam["model"] == model) & (fam["alpha"] == alpha)]
-                    grid = panel.pivot_table(index="layers", columns="tokens",
-                                             values="efficiency", aggfunc="first")
-                    grid = grid.reindex(index=layers, columns=tokens)
-                    image = ax.imshow(grid.to_numpy(float), cmap="RdBu_r", vmin=-lim, vmax=lim,
-                                      aspect="auto")
-                    for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
-                        if np.isfinite(v):
-                            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8)
-                    ax.set_xticks(range(len(tokens)), tokens, rotation=30, fontsize=8)
-                    ax.set_yticks(range(len(layers)), layers, fontsize=8)
-                    ax.set_xlabel("tokens")
-                    ax.set_ylabel("layers")
-                    ax.set_title(f"{model}, alpha={alpha:g}", fontsize=9)
+            cells = iter(grids)
+            for i, (model, alpha) in enumerate(panels):
+                for j, kind in enumerate(kinds):
+                    vals, notes = next(cells)
+                    label = "patch (C)" if kind == PATCH else f"{kind} control"
+                    image = _heat_panel(axes[i, j], vals, notes, layers, tokens, norm,
+                                        label if i == 0 else "",
+                                        f"{model}, \u03b1 = {alpha:g}" if j == 0 else None)
             if image is not None:
-                fig.colorbar(image, ax=axes, shrink=0.8, label="(C-A)/(B-A)")
-            fig.suptitle(f"Transfer efficiency of {metric} ({site}/{mode}, align={align})")
+                fig.colorbar(image, ax=axes, shrink=0.85, label="(X \u2212 A) / (B \u2212 A)")
+            fig.suptitle(f"{_measure(metric)}: share of the natural gap moved ({site}/{mode}, "
+                         f"align {align})", fontsize=FONT + 1)
             name = _slug(f"transfer_heatmap_{metric}_{site}_{mode}_{align}")
-            path = _save(fig, out_dir, name)
-            out.append(FigureInfo(name, f"{title}: {metric} ({site}/{mode})", (
-                f"(C-A)/(B-A) of {metric}: 0 = the patch leaves the baseline target as it was, "
-                f"1 = it makes it look like a recursive prompt. Bootstrap CIs in "
-                f"stats/transfer.parquet."
-            ), path=path))
+            out.append(_drawn(name, f"{title}: {_measure(metric)} ({site}/{mode})", (
+                f"(X \u2212 A)/(B \u2212 A) of {_measure(metric)} for the patch (X = C, with its "
+                f"bootstrap 95% interval) and for each control on the same baseline targets: "
+                f"0 = the target as it was, 1 = as far as the recursive prompts. Stars: the "
+                f"condition against natural, p_fdr after FDR (* < {q}). alpha = 0 panels are "
+                f"not drawn: they are the unpatched run by construction."
+            ), _save(fig, out_dir, name)))
     return out
+
+
+def _heat_value(result: StatsResult, fam: pd.DataFrame, model: str, alpha: float, layers: str,
+                tokens: str, kind: str, metric: str, family: tuple[str, str, str],
+                a_mean: float, b_mean: float, q: float) -> tuple[float, str]:
+    """The value and label of one heatmap cell (patch: transfer table; control: its mean)."""
+    site, mode, align = family
+    where = {"model": model, "alpha": alpha, "layers": layers, "tokens": tokens,
+             "site": site, "mode": mode, "align": align}
+    if kind == PATCH:
+        hit = fam
+        for col, val in where.items():
+            hit = hit[hit[col] == val]
+        if hit.empty:
+            return math.nan, ""
+        row = hit.iloc[0]
+        p = _p_fdr(result, comparison=SUFFICIENCY, metric=metric, **where)
+        ci = (f"\n[{row['eff_ci_low']:.2f}, {row['eff_ci_high']:.2f}]"
+              if np.isfinite(row["eff_ci_low"]) else "")
+        return float(row["efficiency"]), f"{row['efficiency']:.2f}{stars(p, q)}{ci}"
+    cond = result.conditions
+    sel = (cond["control"] == kind) & (cond["metric"] == metric) & (
+        cond["target_group"] == BASELINE_GROUP)
+    for col, val in where.items():
+        sel &= cond[col] == val
+    hit = cond[sel]
+    gap = b_mean - a_mean
+    if hit.empty or not np.isfinite(gap) or gap == 0:
+        return math.nan, ""
+    value = (float(hit["mean"].iloc[0]) - a_mean) / gap
+    p = _p_fdr(result, comparison=f"{CONTROL_PREFIX}{kind}", metric=metric, **where)
+    return value, f"{value:.2f}{stars(p, q)}"
 
 
 # --- alpha dose-response ------------------------------------------------------------------
 
 
 def alpha_curves(result: StatsResult, out_dir: Path, metrics: Sequence[str]) -> list[FigureInfo]:
-    """Mean +- 95% CI of each metric against alpha, one line per condition family."""
+    """Mean and 95% CI of each metric against alpha: the patch and its controls side by side.
+
+    A panel per model and intervention point (everything but alpha); lines for the patch
+    (C and D) and every control on the same targets; the natural conditions as grey
+    reference lines; a star above each alpha where the condition differs from natural.
+    """
     cond = result.conditions
-    title = "Dose-response in alpha"
+    title = "Dose-response in alpha, patch beside its controls"
     patched = cond[cond["control"] != NATURAL] if not cond.empty else cond
     if patched.empty:
         return [FigureInfo("alpha_dose", title, "", skipped="the sweep has no patched cells")]
-    family = ["model", "site", "mode", "layers", "tokens", "align", "control", "source_group",
-              "target_group"]
+    point = ["model", "site", "mode", "layers", "tokens", "align"]
+    q = result.q
     out: list[FigureInfo] = []
     for metric in metrics:
         sub = patched[(patched["metric"] == metric) & (patched["n_valid"] > 0)]
-        fams = [(k, g) for k, g in sub.groupby(family, sort=True) if g["alpha"].nunique() >= 2]
-        classic = [(k, g) for k, g in fams if g["letter"].iloc[0] in ("C", "D")]
-        fams = classic or fams  # controls stay in the tables: the plot shows the design
-        if not fams:
-            out.append(FigureInfo(f"alpha_dose_{metric}", f"{title}: {metric}", "",
+        panels = [(k, g) for k, g in sub.groupby(point, sort=True) if g["alpha"].nunique() >= 2]
+        if not panels:
+            out.append(FigureInfo(f"alpha_dose_{metric}", f"{title}: {_measure(metric)}", "",
                                   skipped="no condition was run at more than one alpha"))
             continue
-        models = sorted({k[0] for k, _ in fams})
-        fig, axes = _new_figure(1, len(models), cell=(5.6, 4.0))
-        for j, model in enumerate(models):
-            ax = axes[0, j]
-            mine = [(k, g) for k, g in fams if k[0] == model]
-            colours = colormaps["tab20"].resampled(max(len(mine), 1))
-            for idx, (key, g) in enumerate(mine):
-                g = g.sort_values("alpha")
-                letter = g["letter"].iloc[0]
-                label = (f"{letter + ' ' if letter else ''}{key[6]} {key[7]}->{key[8]} "
-                         f"{key[1]}/{key[2]} L={key[3]} T={key[4]}")
-                err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]])
-                ax.errorbar(g["alpha"], g["mean"], yerr=np.nan_to_num(err), marker="o",
-                            capsize=3, label=label, color=colours(idx),
-                            linestyle="-" if letter == "C" else "--")
-            natural = cond[(cond["control"] == NATURAL) & (cond["metric"] == metric)
-                           & (cond["model"] == model)]
-            for _, row in natural.iterrows():
-                if np.isfinite(row["mean"]):
-                    ax.axhline(row["mean"], linestyle="--", linewidth=1, color="grey")
-                    ax.annotate(f"natural {row['target_group']}", (0.0, row["mean"]),
-                                xycoords=("axes fraction", "data"), fontsize=7, color="grey",
-                                va="bottom")
-            ax.set_xlabel("alpha")
-            ax.set_ylabel(metric)
-            ax.set_title(model, fontsize=10)
-            handles, labels = ax.get_legend_handles_labels()
-            if handles:
-                ax.legend(handles[:16], labels[:16], fontsize=6, loc="best")
-        fig.suptitle(f"{metric} against alpha (mean and 95% CI)")
+        n_cut = max(0, len(panels) - MAX_PANELS)
+        panels = panels[:MAX_PANELS]
+        n_cols = min(3, len(panels))
+        n_rows = math.ceil(len(panels) / n_cols)
+        fig, axes = _new_figure(n_rows, n_cols, cell=(4.8, 3.6))
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (key, g) in zip(axes.flat, panels, strict=False):
+            _alpha_panel(ax, result, key, g, metric, q)
+        _legend_below(fig, axes)
+        fig.suptitle(f"{_measure(metric)} against alpha (mean and 95% CI; * differs from "
+                     f"natural after FDR)", fontsize=FONT + 1)
         name = _slug(f"alpha_dose_{metric}")
-        path = _save(fig, out_dir, name)
-        out.append(FigureInfo(name, f"{title}: {metric}", (
-            "Each line holds everything but alpha fixed (C solid, D dashed; controls are in "
-            "the tables); grey dashed lines are the natural conditions. Spearman rho per "
-            "line in stats/dose_response.parquet."
-        ), path=path))
+        cut = f" {n_cut} more intervention points are in the tables." if n_cut else ""
+        out.append(_drawn(name, f"{title}: {_measure(metric)}", (
+            "Each panel holds one intervention point; the patch (C: recursive source into "
+            "baseline targets, D: the reverse) is drawn with its controls on the same targets "
+            "(the self control is an identity check, reported in the summary). Grey lines: "
+            "the natural conditions. Stars mark alphas where the condition "
+            f"differs from its natural target (p_fdr < {q}); Spearman rho per line in "
+            "stats/dose_response.parquet." + cut
+        ), _save(fig, out_dir, name)))
     return out
+
+
+def _alpha_panel(ax: Axes, result: StatsResult, key: tuple, g: pd.DataFrame, metric: str,
+                 q: float) -> None:
+    model, site, mode, layers, tokens, align = key
+    cond = result.conditions
+    lines = []
+    for (ctrl, src, tgt), line in g.groupby(["control", "source_group", "target_group"],
+                                            sort=True):
+        if line["alpha"].nunique() < 2 or ctrl == SELF:  # self is a check, not a control
+            continue
+        letter = line["letter"].iloc[0]
+        label = (f"{letter}: patch {src} \u2192 {tgt}" if letter else
+                 f"patch {src} \u2192 {tgt}" if ctrl == PATCH else f"{ctrl} control on {tgt}")
+        order = 0 if ctrl == PATCH else 1 + (PATCH_CONTROLS.index(ctrl)
+                                             if ctrl in PATCH_CONTROLS else 9)
+        lines.append((order, label, ctrl, line.sort_values("alpha")))
+    lines.sort(key=lambda x: (x[0], x[1]))
+    colours = colormaps["tab10"]
+    alphas = g["alpha"].dropna()
+    dodge = 0.015 * (float(alphas.max() - alphas.min()) or 1.0)  # overlapping bars stay visible
+    for idx, (_, label, ctrl, line) in enumerate(lines):
+        marker, style = CONTROL_STYLE.get(ctrl, ("o", "-"))
+        err = np.vstack([line["mean"] - line["ci_low"], line["ci_high"] - line["mean"]])
+        colour = colours(idx % 10)
+        x = line["alpha"] + dodge * (idx - (len(lines) - 1) / 2)
+        ax.errorbar(x, line["mean"], yerr=np.nan_to_num(err), marker=marker,
+                    linestyle=style, capsize=3, label=label, color=colour, linewidth=1.6)
+        name = (f"{CONTROL_PREFIX}{ctrl}" if ctrl != PATCH
+                else (SUFFICIENCY, NECESSITY, PATCH_EFFECT))
+        for xi, (_, row) in zip(x, line.iterrows(), strict=True):
+            p = _p_fdr(result, comparison=name, model=model, metric=metric, site=site, mode=mode,
+                       layers=layers, tokens=tokens, align=align, alpha=row["alpha"],
+                       a=row["condition"])
+            mark = stars(p, q)
+            if mark and np.isfinite(row["mean"]):
+                top = row["ci_high"] if np.isfinite(row["ci_high"]) else row["mean"]
+                ax.annotate(mark, (xi, top), textcoords="offset points", xytext=(0, 2),
+                            ha="center", fontsize=FONT, color=colour)
+    natural = cond[(cond["control"] == NATURAL) & (cond["metric"] == metric)
+                   & (cond["model"] == model)]
+    styles = iter(["--", "-.", ":", (0, (5, 1))])
+    for _, row in natural.sort_values("target_group").iterrows():
+        if np.isfinite(row["mean"]):
+            letter = f"{row['letter']}: " if row["letter"] else ""
+            ax.axhline(row["mean"], linestyle=next(styles, "--"), linewidth=1.1,
+                       color="dimgrey", label=f"{letter}natural {row['target_group']}")
+    ax.set_xlabel("alpha", fontsize=FONT)
+    ax.set_ylabel(_measure(metric), fontsize=FONT)
+    ax.tick_params(labelsize=SMALL)
+    ax.set_title(f"{model}: {site}/{mode}, layers {layers}, tokens {tokens}", fontsize=SMALL)
 
 
 # --- R_V distributions ----------------------------------------------------------------------
@@ -252,7 +467,7 @@ def rv_distributions(result: StatsResult, out_dir: Path) -> FigureInfo:
                    key=lambda g: (0 if g == BASELINE_GROUP else
                                   1 if g == LONG_CONTROL_GROUP else 2, g))
     models = sorted(natural["model"].unique())
-    fig, axes = _new_figure(1, len(models), cell=(max(4.0, 0.9 * len(order) + 1.5), 3.8))
+    fig, axes = _new_figure(1, len(models), cell=(max(4.2, 0.9 * len(order) + 1.8), 3.8))
     rng = np.random.default_rng(0)
     for j, model in enumerate(models):
         ax = axes[0, j]
@@ -263,17 +478,21 @@ def rv_distributions(result: StatsResult, out_dir: Path) -> FigureInfo:
                    widths=0.6, showfliers=False)
         for i in present:
             x = (i + 1) + rng.uniform(-0.15, 0.15, len(data[i]))
-            ax.scatter(x, data[i], s=8, alpha=0.6)
-        ax.set_xticks(range(1, len(order) + 1), order, rotation=30, fontsize=8)
-        ax.set_ylabel("R_V")
-        ax.set_title(model, fontsize=10)
-    fig.suptitle("R_V = PR(late) / PR(early) of natural cells")
-    path = _save(fig, out_dir, name)
-    return FigureInfo(name, title, (
+            ax.scatter(x, data[i], s=12, alpha=0.7)
+        ax.set_xticks(range(1, len(order) + 1), order, rotation=30, ha="right", fontsize=SMALL)
+        ax.tick_params(axis="y", labelsize=SMALL)
+        ax.set_ylabel("R_V", fontsize=FONT)
+        p = _p_fdr(result, comparison=GROUP_EFFECT, model=model, metric="rv",
+                   a=f"B: {NATURAL} {RECURSIVE_GROUP}", b=f"A: {NATURAL} {BASELINE_GROUP}")
+        test = ("" if not np.isfinite(p) else
+                f"\nrecursive vs baseline: p_fdr {p:.2g}{stars(p, result.q)}")
+        ax.set_title(f"{model}{test}", fontsize=FONT)
+    fig.suptitle("R_V = PR(late) / PR(early) of natural cells", fontsize=FONT + 1)
+    return _drawn(name, title, (
         "Box: quartiles; points: cells. Lower R_V means a more contracted late-layer value "
-        "space. Tests in stats/comparisons.parquet (group_effect) and dose_response "
-        "(target_level)."
-    ), path=path)
+        "space. The panel title gives the recursive-vs-baseline test (group_effect, p_fdr); "
+        "the recursion-level trend is in stats/dose_response.parquet (target_level)."
+    ), _save(fig, out_dir, name))
 
 
 # --- R_V trajectories -----------------------------------------------------------------------
@@ -305,7 +524,7 @@ def rv_trajectories(result: StatsResult, out_dir: Path, max_points: int = 4) -> 
             "no cell recorded an R_V trajectory (measure.trajectory: true in the grid)"
         ))
     models = sorted(cells["model"].unique())
-    fig, axes = _new_figure(1, len(models), cell=(5.6, 4.0))
+    fig, axes = _new_figure(1, len(models), cell=(5.4, 3.9))
     drawn = False
     for j, model in enumerate(models):
         ax = axes[0, j]
@@ -314,6 +533,9 @@ def rv_trajectories(result: StatsResult, out_dir: Path, max_points: int = 4) -> 
         for group, sub in mine[mine["is_natural"]].groupby("target_group", sort=True):
             lines.append((f"natural {group}", sub["rv_trajectory"]))
         patched = mine[mine["letter"].isin(["C", "D"])]
+        patched = patched[[identity_kind(c, m, a) is None for c, m, a in
+                           zip(patched["control"], patched["mode"], patched["alpha"],
+                               strict=True)]]
         points = sorted(patched["point"].unique())[:max_points]
         for point in points:
             for letter, sub in patched[patched["point"] == point].groupby("letter", sort=True):
@@ -330,19 +552,18 @@ def rv_trajectories(result: StatsResult, out_dir: Path, max_points: int = 4) -> 
             (line,) = ax.plot(steps, mean, label=f"{label} (n={mat.shape[0]})")
             ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
             drawn = True
-        ax.set_xlabel("generation step (0 = prompt side)")
-        ax.set_ylabel("R_V")
-        ax.set_title(model, fontsize=10)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="best")
+        ax.set_xlabel("generation step (0 = prompt side)", fontsize=FONT)
+        ax.set_ylabel("R_V", fontsize=FONT)
+        ax.tick_params(labelsize=SMALL)
+        ax.set_title(model, fontsize=FONT)
     if not drawn:
         return FigureInfo(name, title, "", skipped="trajectories are empty")
-    fig.suptitle("R_V trajectory (mean and 95% CI per step)")
-    path = _save(fig, out_dir, name)
-    return FigureInfo(name, title, (
+    _legend_below(fig, axes)
+    fig.suptitle("R_V trajectory (mean and 95% CI per step)", fontsize=FONT + 1)
+    return _drawn(name, title, (
         "Step 0 is the prompt-side value; if the groups separate at step 0 and converge "
         "later, the geometry is set at encoding (claim P9)."
-    ), path=path)
+    ), _save(fig, out_dir, name))
 
 
 # --- R_V vs behaviour -------------------------------------------------------------------------
@@ -358,8 +579,14 @@ def rv_vs_scores(result: StatsResult, out_dir: Path) -> list[FigureInfo]:
         return [FigureInfo("rv_vs_score", title, "", skipped=f"the sweep has no {missing}")]
     out: list[FigureInfo] = []
     models = sorted(cells["model"].unique())
+    corr = result.correlations
     for score in scores:
-        fig, axes = _new_figure(1, len(models))
+        name = _slug(f"rv_vs_{score}")
+        if not _varies(result, score):
+            out.append(FigureInfo(name, f"{title}: {_measure(score)}", "",
+                                  skipped=f"{score} has one value in every cell"))
+            continue
+        fig, axes = _new_figure(1, len(models), cell=(4.6, 3.8))
         drawn = False
         for j, model in enumerate(models):
             ax = axes[0, j]
@@ -368,35 +595,39 @@ def rv_vs_scores(result: StatsResult, out_dir: Path) -> list[FigureInfo]:
             y = pd.to_numeric(mine[score], errors="coerce")
             keep = x.notna() & y.notna()
             if keep.sum() < 3:
-                ax.set_title(f"{model}: fewer than 3 cells", fontsize=9)
+                ax.set_title(f"{model}: fewer than 3 cells", fontsize=FONT)
                 continue
-            kinds = mine.loc[keep, "letter"].replace("", "other")
+            kinds = mine.loc[keep, "letter"].replace("", "other cells")
             for kind in sorted(kinds.unique()):
                 sel = kinds == kind
-                ax.scatter(x[keep][sel], y[keep][sel], s=10, alpha=0.6, label=kind)
+                ax.scatter(x[keep][sel], y[keep][sel], s=14, alpha=0.7, label=kind)
             xs, ys = x[keep].to_numpy(float), y[keep].to_numpy(float)
+            subtitle = f"n = {len(xs)}"
             if np.ptp(xs) > 0 and np.ptp(ys) > 0:
                 fit = sstats.linregress(xs, ys)
                 grid = np.linspace(xs.min(), xs.max(), 50)
                 ax.plot(grid, fit.intercept + fit.slope * grid, color="black", linewidth=1)
-                ax.set_title(f"{model}: r={fit.rvalue:.2f}, n={len(xs)}", fontsize=9)
-            else:
-                ax.set_title(f"{model}: constant values, n={len(xs)}", fontsize=9)
-            ax.set_xlabel("R_V")
-            ax.set_ylabel(score)
-            ax.legend(fontsize=6, title="condition", title_fontsize=6)
+                hit = corr[(corr["model"] == model) & (corr["scope"] == "all")
+                           & (corr["y"] == score)] if not corr.empty else corr
+                p = float(hit["pearson_p_fdr"].iloc[0]) if len(hit) else math.nan
+                subtitle = (f"r = {fit.rvalue:.2f}, n = {len(xs)}"
+                            + (f", p_fdr {p:.2g}{stars(p, result.q)}" if np.isfinite(p) else ""))
+            ax.set_title(f"{model}\n{subtitle}", fontsize=FONT)
+            ax.set_xlabel("R_V", fontsize=FONT)
+            ax.set_ylabel(_measure(score), fontsize=FONT)
+            ax.tick_params(labelsize=SMALL)
             drawn = True
-        name = _slug(f"rv_vs_{score}")
         if not drawn:
-            out.append(FigureInfo(name, f"{title}: {score}", "",
+            out.append(FigureInfo(name, f"{title}: {_measure(score)}", "",
                                   skipped=f"fewer than 3 cells with both R_V and {score}"))
             continue
-        fig.suptitle(f"R_V against {score} (all ok cells, least-squares line)")
-        path = _save(fig, out_dir, name)
-        out.append(FigureInfo(name, f"{title}: {score}", (
-            "Colours are the classic conditions (A-D) and everything else; Pearson and "
-            "Spearman with p_fdr in stats/correlations.parquet."
-        ), path=path))
+        _legend_below(fig, axes)
+        fig.suptitle(f"R_V against {_measure(score)} (all ok cells)", fontsize=FONT + 1)
+        out.append(_drawn(name, f"{title}: {_measure(score)}", (
+            "Colours are the classic conditions (A-D) and all other cells; the line is a "
+            "least-squares fit; r is Pearson's with its p_fdr (Spearman too in "
+            "stats/correlations.parquet)."
+        ), _save(fig, out_dir, name)))
     return out
 
 
@@ -426,4 +657,24 @@ def make_figures(
     for fig in figures:
         if fig.skipped:
             logger.info("figure %s skipped: %s", fig.name, fig.skipped)
+    _remove_stale(folder, figures)
     return figures
+
+
+_OUR_FIGURES = re.compile(r"^(transfer_heatmap_|alpha_dose_|rv_vs_|rv_by_group$|rv_trajectory$)")
+
+
+def _remove_stale(folder: Path, figures: Sequence[FigureInfo]) -> None:
+    """Delete figures an earlier `stats` run drew that this one did not (data changed).
+
+    Only files named like our figures are touched: a stale `rv_vs_score_x.png` beside a
+    fresh report would show a number no table holds any more.
+    """
+    if not folder.is_dir():
+        return
+    keep = {p.name for f in figures for p in (f.path, f.svg) if p is not None}
+    for path in folder.iterdir():
+        if (path.suffix in (".png", ".svg") and path.name not in keep
+                and _OUR_FIGURES.match(path.stem)):
+            path.unlink()
+            logger.info("removed stale figure %s", path)

@@ -23,6 +23,12 @@ from rloop_ray.analysis.comparisons import (
     SOURCE_NATURAL,
     SUFFICIENCY,
 )
+from rloop_ray.analysis.identity import (
+    ALPHA_ZERO,
+    SELF_CONTROL,
+    identity_checks,
+    identity_mask,
+)
 from rloop_ray.analysis.labels import POINT_COLS, point_label, primary_metrics
 from rloop_ray.analysis.tables import StatsResult
 from rloop_ray.vocab import SELF
@@ -146,7 +152,7 @@ def derive_notes(result: StatsResult) -> list[Note]:
     )))
     notes.extend(_transplant_notes(result))
     notes.extend(_control_notes(result))
-    notes.extend(_alpha_zero_notes(result))
+    notes.extend(_identity_notes(result))
     notes.extend(_transfer_notes(result))
     notes.extend(_dose_notes(result))
     notes.extend(_model_notes(result))
@@ -205,6 +211,7 @@ def _control_notes(result: StatsResult) -> list[Note]:
     notes: list[Note] = []
     vs_patch = cmp[cmp["comparison"].str.startswith(CONTROL_VS_PATCH_PREFIX)
                    & cmp["metric"].isin(primary_metrics(result.metrics))]
+    vs_patch = vs_patch[~identity_mask(vs_patch)]  # checks, not effects (_identity_notes)
     effect = cmp.set_index(["model", "a", "metric"]).sort_index()
     lines_by_control: dict[str, list[str]] = {}
     moved_alone: dict[str, list[str]] = {}
@@ -261,45 +268,25 @@ def _control_notes(result: StatsResult) -> list[Note]:
             f"The '{ctrl}' control moved the metric although the patch did not: any foreign "
             f"or perturbed cache disturbs the target there. " + _capped(lines)
         ), "warning"))
-    selfc = cmp[(cmp["comparison"] == f"{CONTROL_PREFIX}{SELF}")
-                & cmp["metric"].isin(primary_metrics(result.metrics))]
-    if not selfc.empty:
-        bad = selfc[selfc["p_fdr"] < q]
-        if len(bad):
-            lines = [f"{r['model']}, {r['metric']} at {_point_of(r)} (p_fdr="
-                     f"{_fmt_p(r['p_fdr'])})" for _, r in bad.iterrows()]
-            notes.append(Note("self_check", (
-                "The 'self' control (source = target) differs from natural, which it must "
-                "not: suspect the intervention code. " + _capped(lines)
-            ), "warning"))
-        else:
-            notes.append(Note("self_check", (
-                f"The 'self' control is indistinguishable from natural in all {len(selfc)} "
-                f"comparisons, as it must be."
-            )))
     return notes
 
 
-def _alpha_zero_notes(result: StatsResult) -> list[Note]:
-    """alpha = 0 must reproduce the unpatched run: any effect there is an implementation bug."""
-    cmp = result.comparisons
-    zero = cmp[(cmp["alpha"] == 0.0) & ~cmp["comparison"].str.startswith(CONTROL_VS_PATCH_PREFIX)
-               & (cmp["comparison"] != SOURCE_NATURAL)
-               & cmp["metric"].isin(primary_metrics(result.metrics))]
-    if zero.empty:
-        return []
-    bad = zero[zero["p_fdr"] < result.q]
-    if bad.empty:
-        return [Note("alpha_zero", (
-            f"Cells patched with alpha = 0 are indistinguishable from natural in all "
-            f"{len(zero)} comparisons, as they must be (alpha = 0 is the unpatched run)."
-        ))]
-    lines = [f"{r['model']}, {r['metric']}, '{r['a']}' (p_fdr={_fmt_p(r['p_fdr'])})"
-             for _, r in bad.iterrows()]
-    return [Note("alpha_zero", (
-        "Cells patched with alpha = 0 differ from natural, which they must not (alpha = 0 "
-        "reproduces the unpatched run): suspect the intervention code. " + _capped(lines)
-    ), "warning")]
+def _identity_notes(result: StatsResult) -> list[Note]:
+    """alpha = 0 mixes and the `self` control must reproduce the unpatched run.
+
+    Counted cell by cell against the natural run of the same target (analysis/identity.py):
+    exact matches are a check passed, not an effect of size zero; cells that differ are
+    judged by their comparisons (systematic: suspect the code; scattered: numerics).
+    """
+    checks = identity_checks(result.results.cells, primary_metrics(result.metrics),
+                             result.comparisons, result.q)
+    notes: list[Note] = []
+    for kind, name in ((SELF_CONTROL, "self_check"), (ALPHA_ZERO, "alpha_zero")):
+        mine = [c for c in checks if c.kind == kind]
+        if mine:
+            level = "warning" if any(c.suspect for c in mine) else "info"
+            notes.append(Note(name, " ".join(c.sentence(result.q) for c in mine), level))
+    return notes
 
 
 def _first_effect(
@@ -335,6 +322,7 @@ def _transfer_notes(result: StatsResult) -> list[Note]:
             f"gap indistinguishable from zero and is not interpretable."
         ), "warning"))
     best = tr[np.isfinite(tr["efficiency"].astype(float))]
+    best = best[~identity_mask(best.assign(control="patch"))]
     for (model, metric), sub in best.groupby(["model", "metric"], sort=True):
         if metric not in main or metric in flat.get(model, []):
             continue

@@ -79,7 +79,8 @@ def read_prompts(path: Path) -> list[dict]:
 
 @app.command()
 def measure(
-    model: Annotated[str, typer.Option(help="Builtin name, hub id or local path.")],
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="Builtin name, hub id or local path.")],
     prompts: Annotated[Path, typer.Option(
         help="JSONL (one {id, text, group} per line), a YAML prompt file, or a directory "
              "of them (e.g. prompts/).")],

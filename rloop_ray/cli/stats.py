@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from rloop_ray.cli._app import app
+from rloop_ray.cli._app import SWEEP_METAVAR, app
 
 rate_app = typer.Typer(
     help="Blind human rating of generated texts: export a sheet, import the ratings.",
@@ -25,8 +25,9 @@ app.add_typer(rate_app, name="rate")
 
 SweepSource = Annotated[
     str,
-    typer.Argument(help="A sweep folder or URI, e.g. results/kv_layer_localization or "
-                        "s3://bucket/results/kv_layer_localization.", show_default=False),
+    typer.Argument(metavar=SWEEP_METAVAR, show_default=False,
+                   help="A sweep folder or its URI, e.g. `results/quickstart` or "
+                        "`s3://bucket/results/quickstart`."),
 ]
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def stats_command(
     ] = None,
     metric: Annotated[
         list[str] | None,
-        typer.Option("--metric", "-m",
+        typer.Option("--metric",
                      help="Analyse only these metrics (repeatable). Default: every metric "
                           "present."),
     ] = None,
@@ -65,13 +66,15 @@ def stats_command(
     confidence: Annotated[float, typer.Option(min=0.5, max=0.999,
                                               help="Confidence level of intervals.")] = 0.95,
     figures: Annotated[bool, typer.Option("--figures/--no-figures",
-                                          help="Draw the PNG figures.")] = True,
+                                          help="Draw the figures (PNG and SVG).")] = True,
 ) -> None:
-    """Statistics of a sweep: stats/*.parquet, figures/*.png, report.md and report.html.
+    """Statistics and the report of a sweep: `report.html`, `report.md`, `stats/`, `figures/`.
 
-    Works on a partial sweep too (it says what is missing). Example:
+    The report leads with the answer per model (each intervention against natural and its
+    controls, with a verdict), then example generations, figures and the full tables. Works
+    on a partial sweep too (it says what is missing). Example:
 
-        rloop-ray stats results/kv_layer_localization
+        rloop-ray stats results/quickstart
     """
     from rloop_ray.analysis.report import write_report
 
@@ -94,7 +97,7 @@ def stats_command(
     typer.echo(f"tables: {result.tables[0].parent}/ ({len(result.tables)} files)")
     typer.echo(f"figures: {len(drawn)} drawn, {len(result.figures) - len(drawn)} skipped")
     typer.echo(f"report: {result.markdown}")
-    typer.echo(f"report: {result.html}")
+    typer.echo(f"report: {result.html}  (open it in a browser)")
 
 
 @rate_app.command("export")
@@ -103,13 +106,13 @@ def rate_export(
     n: Annotated[int, typer.Option("--n", min=1, help="Texts to sample.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the sample, order and ids.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Where to write the sheet (CSV). Default: "
-                                                  "SWEEP/rating/sheet_seed<seed>.csv")
+                                                  "`SWEEP_DIR/rating/sheet_seed<seed>.csv`.")
                    ] = None,
 ) -> None:
     """Write a blind rating sheet (anon_id, text, rating) and a private key file.
 
     Fill the `rating` column (a number per text; leave blank to skip), then run
-    `rloop-ray rate import SWEEP SHEET.csv`. The sweep must be a local folder.
+    `rloop-ray rate import SWEEP_DIR SHEET.csv`. The sweep must be a local folder.
     """
     from rloop_ray.analysis.rating import export_for_rating
 
@@ -123,7 +126,7 @@ def rate_export(
 @rate_app.command("import")
 def rate_import(
     source: SweepSource,
-    ratings: Annotated[Path, typer.Argument(help="The filled sheet (CSV).",
+    ratings: Annotated[Path, typer.Argument(metavar="SHEET.csv", help="The filled sheet.",
                                             show_default=False)],
 ) -> None:
     """Join human ratings back as the metric `score_human` (used by `rloop-ray stats`)."""

@@ -139,7 +139,8 @@ def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str]
 
 @app.command()
 def validate(
-    grid: Annotated[Path, typer.Argument(help="The grid YAML file.", show_default=False)],
+    grid: Annotated[Path, typer.Argument(metavar="GRID.yaml", help="The grid file.",
+                                         show_default=False)],
     model: Annotated[
         list[str] | None,
         typer.Option("--model", "--models", "-m",
