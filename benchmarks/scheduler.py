@@ -79,7 +79,7 @@ def main() -> None:
     sizes = [int(s) for s in args.unit_sizes.split(",")]
     worker_counts = [int(w) for w in args.workers.split(",")]
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t0
     ref = reference(n, sizes[0])
     rows = []

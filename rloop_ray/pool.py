@@ -238,7 +238,7 @@ def replicas(model: str, n: int | None = None, *, gpus_per_replica: float | None
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1")
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1")
     resources = ray.cluster_resources()
     has_gpus = resources.get("GPU", 0) > 0
     gpus = (1.0 if has_gpus else 0.0) if gpus_per_replica is None else float(gpus_per_replica)

@@ -79,7 +79,7 @@ def test_ray_backend_gives_the_same_cell_ids_and_tokens(local_results, tmp_path)
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = rloop_ray.run(QUICKSTART, model="tiny-llama", results=tmp_path,
                                backend="ray", progress=False)

@@ -221,7 +221,7 @@ def test_sigterm_to_the_driver_is_a_clean_stop(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         store = ResultStore(tmp_path / "sweep")
         store.prepare({"test": "sigterm"})

@@ -287,7 +287,7 @@ def test_whole_cluster_lost_mid_sweep_resumes_on_a_new_cluster(tmp_path):
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         reference = fresh_store(tmp_path / "reference")
         cfg = DriverConfig(workers=2, use_gpus=False, shard_rows=10_000, progress=False)
@@ -308,7 +308,7 @@ def four_gpus() -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
