@@ -1,22 +1,36 @@
-"""Patched generations per second: the batched engine vs the earlier notebooks' way.
+"""Patched generations per second: the batched engine vs the notebooks and vs the peer.
 
-The reference runs the same cells one at a time: it encodes both prompts again for
-every cell, mixes the cache layer by layer in Python and generates token by token with
-batch size 1 (transformers' own cache, one `model(...)` call per token). Both sides
-run greedy, so the script also reports how many cells agree token for token.
+Three runners decode the same patched cells greedily:
 
-    python benchmarks/engine.py --model smollm2-135m --cells 32 --new-tokens 32
+- the reference (what the earlier notebooks did): one cell at a time, both prompts
+  encoded again, the cache mixed layer by layer in Python, batch 1, one `model(...)`
+  call per token;
+- the peer (what a careful researcher writes instead): the engine's own `Engine.patch`
+  states, left-padded into one transformers `DynamicCache` with an attention mask, and
+  one `model.generate` call;
+- the engine: `Engine.generate` over the same states (it also measures R_V).
+
+The peer runs a cell exactly only when every layer of its cache has the same length
+and the model has no sliding window (HF derives one mask and one position from the
+attention mask; per-layer lengths from a transplant need per-layer masks). The cells
+here are KV mixes of equal length, so the peer runs them all; any cell it cannot run is
+counted and left out of its timing. Where a row stops at EOS both sides stop there
+(`eos_token_id` = the engine's EOS set); with `stop_at_eos=false` the peer gets no EOS
+id at all (not `min_new_tokens`, which suppresses EOS and so decodes something else).
+
+    python benchmarks/engine.py --model smollm2-135m --cells 32,128 --new-tokens 32
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
-from rloop_ray.engine import Engine
+from rloop_ray.engine import Engine, PatchedState
 from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention, MeasureConfig
 
 TARGETS = [
@@ -25,24 +39,34 @@ TARGETS = [
     "What causes the seasons to change on Earth during the year?",
     "Write a short poem about the sea at night under a full moon.",
 ]
+# the realistic mix: chat prompts asking for short answers, so most rows end at EOS early
+SHORT_TARGETS = [
+    "What is the capital of France? Answer in one word.",
+    "Is water wet? Answer yes or no.",
+    "Name one primary colour. Reply with the word only.",
+    "What is two plus two? Give only the number.",
+    "Say hello.",
+    "Explain how a river carves a canyon over thousands of years.",
+]
 SOURCES = [
     "Observe your own process of observing as you read these words right now.",
     "Notice the noticing itself: what is aware of this sentence as it is read?",
 ]
+ALPHAS = [0.25, 0.5, 0.75, 1.0]
+LAYER_SPECS = ["0%:50%", "50%:100%"]
 
 
-def make_cells(n_cells: int, n_new: int) -> list[CellRequest]:
-    alphas = [0.25, 0.5, 0.75, 1.0]
-    layer_specs = ["0%:50%", "50%:100%"]
+def make_cells(n_cells: int, n_new: int, *, targets: Sequence[str] = TARGETS,
+               stop_at_eos: bool = False) -> list[CellRequest]:
     cells = []
     i = 0
     while len(cells) < n_cells:
-        t = TARGETS[i % len(TARGETS)]
-        s = SOURCES[(i // len(TARGETS)) % len(SOURCES)]
-        iv = Intervention(site="kv", layers=layer_specs[i % 2], alpha=alphas[(i // 2) % 4],
+        t = targets[i % len(targets)]
+        s = SOURCES[(i // len(targets)) % len(SOURCES)]
+        iv = Intervention(site="kv", layers=LAYER_SPECS[i % 2], alpha=ALPHAS[(i // 2) % 4],
                           tokens="all", align="end")
         cells.append(CellRequest(f"c{i}", t, s, iv,
-                                 GenerationConfig(max_new_tokens=n_new, stop_at_eos=False),
+                                 GenerationConfig(max_new_tokens=n_new, stop_at_eos=stop_at_eos),
                                  MeasureConfig(window=16, scorers=())))
         i += 1
     return cells
@@ -84,36 +108,150 @@ def reference(engine: Engine, cells: list[CellRequest]) -> list[list[int]]:
     return outs
 
 
+def peer_runnable(engine: Engine, state: PatchedState) -> bool:
+    """Whether one HF `generate` decodes this state exactly: one cache length for every
+    layer, the query at that length, no sliding window."""
+    lens = set(state.cache_lengths)
+    return (len(lens) == 1 and state.position == lens.pop()
+            and all(w is None for w in engine._windows))
+
+
+@torch.no_grad()
+def peer(engine: Engine, states: list[PatchedState], n_new: int, stop_at_eos: bool
+         ) -> list[list[int]]:
+    """One `model.generate` over the states' caches, left-padded, with an attention mask.
+
+    `input_ids` holds each row's padded prompt (the cache covers all but its last token,
+    which generate feeds first); positions follow from the mask, as HF computes them for
+    left padding, so each row sees its own positions 0..n."""
+    model, tok = engine.model, engine.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    t_max = max(s.cache_lengths[0] for s in states)
+    bsz = len(states)
+    ids = torch.full((bsz, t_max + 1), pad, dtype=torch.long)
+    mask = torch.zeros((bsz, t_max + 1), dtype=torch.long)
+    data = []
+    for layer in range(engine.n_layers):
+        k0, v0 = states[0].keys[layer], states[0].values[layer]
+        k = k0.new_zeros((bsz, k0.shape[0], t_max, k0.shape[2]))
+        v = v0.new_zeros((bsz, v0.shape[0], t_max, v0.shape[2]))
+        for b, s in enumerate(states):
+            n = s.keys[layer].shape[1]
+            k[b, :, t_max - n:] = s.keys[layer]
+            v[b, :, t_max - n:] = s.values[layer]
+        data.append((k, v))
+    for b, s in enumerate(states):
+        n = s.cache_lengths[0]
+        prompt = (s.prompt_ids[:-1] + [s.first_token])[-(n + 1):]
+        ids[b, t_max - n:] = torch.tensor(prompt)
+        mask[b, t_max - n:] = 1
+    cache = DynamicCache(ddp_cache_data=data)
+    eos = sorted(engine._decoder.eos) if stop_at_eos else None
+    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                         max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
+                         pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    rows = []
+    for b in range(bsz):
+        gen = out[b, t_max + 1:].tolist()
+        if stop_at_eos:  # generate pads a finished row; keep up to and with its EOS
+            for j, t in enumerate(gen):
+                if t in engine._decoder.eos:
+                    gen = gen[:j + 1]
+                    break
+        rows.append(gen)
+    return rows
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    """Best wall time of `repeats` calls (the machine is shared and noisy)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def compare_peer(engine: Engine, n_cells: int, n_new: int, *, realistic: bool,
+                 repeats: int) -> dict[str, object]:
+    """Engine vs peer on one cell set; alternating runs, best of `repeats` each."""
+    stop = realistic
+    cells = make_cells(n_cells, n_new, targets=SHORT_TARGETS if realistic else TARGETS,
+                       stop_at_eos=stop)
+    states = engine.patch([c.target_text for c in cells], [c.source_text for c in cells],
+                          [c.intervention for c in cells])
+    ok = [i for i, s in enumerate(states) if peer_runnable(engine, s)]
+    gen_cfg = cells[0].generation
+    engine.max_batch_size = n_cells
+    t_eng, t_peer = float("inf"), float("inf")
+    eng_out, peer_out = None, None
+    for _ in range(repeats):
+        t, eng_out = best_of(lambda: engine.generate(states, gen_cfg, cells[0].measure), 1)
+        t_eng = min(t_eng, t)
+        t, peer_out = best_of(lambda: peer(engine, [states[i] for i in ok], n_new, stop), 1)
+        t_peer = min(t_peer, t)
+    eng_ids = [g.ids for g in eng_out]
+    agree = sum(eng_ids[i] == p for i, p in zip(ok, peer_out))
+    early = sum(len(g) < n_new for g in eng_ids)
+    return {"cells": n_cells, "peer_cells": len(ok), "eng": n_cells / t_eng,
+            "peer": len(ok) / t_peer, "agree": agree, "early": early}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cells", type=int, default=32)
+    parser.add_argument("--cells", default="32", help="comma-separated cell counts")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the (slow) notebook reference")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(c) for c in args.cells.split(",")]
 
-    engine = Engine(args.model, device=args.device, dtype=args.dtype, max_batch_size=args.cells)
-    cells = make_cells(args.cells, args.new_tokens)
-    engine.run(cells[:2])  # warm-up (allocator, kernels) outside the timings
-    engine._prompts.clear()  # and start both sides with no encoded prompt
+    engine = Engine(args.model, device=args.device, dtype=args.dtype,
+                    max_batch_size=max(sizes))
+    engine.run(make_cells(2, args.new_tokens))  # warm-up (allocator, kernels) outside timings
+    print(f"model {args.model}, {args.new_tokens} new tokens, device {args.device}, "
+          f"dtype {args.dtype}, torch threads {torch.get_num_threads()}, "
+          f"chat template {engine.chat_template}")
 
-    t0 = time.perf_counter()
-    ref = reference(engine, cells)
-    t_ref = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rows = engine.run(cells)
-    t_eng = time.perf_counter() - t0
-    agree = sum(r["generated_ids"] == g for r, g in zip(rows, ref))
-    rate_ref, rate_eng = len(cells) / t_ref, len(cells) / t_eng
-    torch_threads = torch.get_num_threads()
-    print(f"model {args.model}, {len(cells)} cells x {args.new_tokens} new tokens, "
-          f"device {args.device}, dtype {args.dtype}, torch threads {torch_threads}")
-    print(f"{'runner':<34}{'seconds':>10}{'cells/s':>10}{'ratio':>8}")
-    print(f"{'reference (1 cell, token loop)':<34}{t_ref:>10.2f}{rate_ref:>10.2f}{1.0:>8.1f}")
-    print(f"{'rloop-ray engine (batched)':<34}{t_eng:>10.2f}{rate_eng:>10.2f}"
-          f"{rate_eng / rate_ref:>8.1f}")
-    print(f"token-for-token agreement: {agree}/{len(cells)} cells")
+    if not args.no_reference:
+        cells = make_cells(sizes[0], args.new_tokens)
+        engine._prompts.clear()  # start both sides with no encoded prompt
+        t0 = time.perf_counter()
+        ref = reference(engine, cells)
+        t_ref = time.perf_counter() - t0
+        engine.max_batch_size = sizes[0]
+        t0 = time.perf_counter()
+        rows = engine.run(cells)
+        t_run = time.perf_counter() - t0
+        agree = sum(r["generated_ids"] == g for r, g in zip(rows, ref))
+        print(f"\nvs the notebook reference, {len(cells)} cells (Engine.run incl. patching)")
+        print(f"{'runner':<34}{'seconds':>10}{'cells/s':>10}{'ratio':>8}")
+        print(f"{'reference (1 cell, token loop)':<34}{t_ref:>10.2f}"
+              f"{len(cells) / t_ref:>10.2f}{1.0:>8.1f}")
+        print(f"{'rloop-ray engine (batched)':<34}{t_run:>10.2f}{len(cells) / t_run:>10.2f}"
+              f"{t_ref / t_run:>8.1f}")
+        print(f"token-for-token agreement: {agree}/{len(cells)} cells")
+
+    print("\nvs the peer (one HF generate over the same patched caches; generate steps only,"
+          f" best of {args.repeats}, alternating)")
+    print(f"{'mix':<30}{'cells':>6}{'peer n':>7}{'early EOS':>10}{'engine/s':>10}"
+          f"{'peer/s':>9}{'ratio':>7}{'agree':>9}")
+    for realistic, label in ((True, "chat, short answers, EOS"), (False, "stop_at_eos=false")):
+        for n in sizes:
+            r = compare_peer(engine, n, args.new_tokens, realistic=realistic,
+                             repeats=args.repeats)
+            print(f"{label:<30}{r['cells']:>6}{r['peer_cells']:>7}{r['early']:>10}"
+                  f"{r['eng']:>10.2f}{r['peer']:>9.2f}{r['eng'] / r['peer']:>7.2f}"
+                  f"{str(r['agree']) + '/' + str(r['peer_cells']):>9}")
+    print("peer n: cells the peer can run exactly (one cache length for all layers, no "
+          "sliding window); the rest are left out of its rate and agreement.")
 
 
 if __name__ == "__main__":

@@ -296,3 +296,46 @@ def test_documented_instruct_example_generates_text():
     state = engine.encode(["Describe the water cycle in two sentences."])
     gen = engine.generate(state, GenerationConfig(max_new_tokens=12), MeasureConfig(window=4))
     assert gen[0].text.strip()
+
+
+def test_compaction_changes_nothing_rows_that_stop_early_equal_rows_alone(engines):
+    """Rows that stop (EOS, or their own smaller `max_new_tokens`) leave the batch; the
+    rest decode on fewer rows. Every row must still be what it is decoded alone: tokens,
+    stop reason, log-probs, measures (R_V, trajectory) and captured activations."""
+    engine = engines("tiny-llama")
+    patched = engine.patch([TARGET] * 5, [SOURCE] * 4 + [None],
+                           [*(Intervention(alpha=a) for a in (0.25, 0.5, 0.75, 1.0)), NAT])
+    free = engine.generate(patched, GenerationConfig(max_new_tokens=10, stop_at_eos=False),
+                           MEASURE)
+    saved = engine._decoder.eos
+    engine._decoder.eos = {free[0].ids[1]}  # an "EOS" the rows meet at different steps
+    try:
+        gen = GenerationConfig(max_new_tokens=10, stop_at_eos=True)
+        together = engine.generate(patched, gen, MEASURE, capture=("v_proj",))
+        alone = [engine.generate([p], gen, MEASURE, capture=("v_proj",))[0] for p in patched]
+        limits = [3, 10, 6, 10, 1]
+        requests = [CellRequest(f"c{i}", TARGET, None if i == 4 else SOURCE,
+                                [*(Intervention(alpha=a) for a in (0.25, 0.5, 0.75, 1.0)),
+                                 NAT][i],
+                                GenerationConfig(max_new_tokens=n, stop_at_eos=True), MEASURE)
+                    for i, n in enumerate(limits)]
+        run_together = engine.run(requests)
+        run_alone = [engine.run([r])[0] for r in requests]
+    finally:
+        engine._decoder.eos = saved
+    lengths = [len(g.ids) for g in together]
+    assert "eos" in [g.stop_reason for g in together] and len(set(lengths)) > 1, lengths
+    for t, a in zip(together, alone):
+        assert t.ids == a.ids and t.stop_reason == a.stop_reason
+        assert same(t.logprobs, a.logprobs)
+        assert set(t.measures) == set(a.measures)
+        for key in t.measures:
+            assert same(t.measures[key], a.measures[key]), key
+        np.testing.assert_allclose(t.captured["v_proj"], a.captured["v_proj"],
+                                   rtol=1e-4, atol=1e-5)  # batch-shaped matmuls round apart
+        assert t.captured["v_proj"].shape[1] == len(t.ids)
+    assert len({r["n_generated"] for r in run_together}) > 1
+    for t, a in zip(run_together, run_alone):
+        assert t["status"] == a["status"] == "ok"
+        for key in set(t) - {"generate_seconds", "engine_seconds"}:
+            assert same(t[key], a[key]), key

@@ -4,8 +4,12 @@ Rows may come from any mix of targets, sources and transplants: each layer's cac
 left-padded to one tensor and masked by their own valid slots (`attention.py`), so rows
 of unequal (even per-layer unequal) length decode exactly as they would alone. Greedy or
 sampled (temperature, top-p) from a per-row generator seeded by the row's own seed, so a
-row's tokens do not depend on what else is in its batch. Per-step log-probabilities come
-from logits the loop has anyway; module outputs are captured only when asked for.
+row's tokens do not depend on what else is in its batch. A row that has stopped (EOS or
+its own `max_new_tokens`) leaves the batch after the forward that stores its last
+token's V (compaction): the rest decode on fewer rows, and what its measures need is
+kept aside when it leaves, so they are those of the uncompacted loop. Per-step
+log-probabilities come from logits the loop has anyway; module outputs are captured only
+when asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from transformers.cache_utils import DynamicLayer
 from rloop_ray.engine import attention
 from rloop_ray.engine.hooks import hooks
 from rloop_ray.engine.measure import geometry, text_scores
+from rloop_ray.engine.selectors import resolve_layer
 from rloop_ray.engine.states import PatchedState
 from rloop_ray.engine.types import Generation, GenerationConfig, MeasureConfig
 
@@ -58,6 +63,12 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
         return self.keys, self.values
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (compaction): one copy now, fewer rows every step after."""
+        self._k = self._k.index_select(0, rows)
+        self._v = self._v.index_select(0, rows)
+        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+
 
 def _cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
            reserve: int) -> DynamicCache:
@@ -65,6 +76,36 @@ def _cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
     cache = DynamicCache()
     cache.layers = [_PreallocatedLayer(k, v, reserve) for k, v in zip(keys, values)]
     return cache
+
+
+class _Retired:
+    """What a row's measures read once it leaves the batch: V of the layers they use,
+    as a batch of one shaped like the cache (`measure.geometry` reads `.layers[l]
+    .values`), and those layers' validity. Copied, because compaction reuses no slot."""
+
+    class _Layer:
+        def __init__(self, values: torch.Tensor) -> None:
+            self.values = values
+
+    def __init__(self, values: dict[int, torch.Tensor], valid: dict[int, torch.Tensor]
+                 ) -> None:
+        n = max(values) + 1
+        self.layers: list[_Retired._Layer | None] = [None] * n
+        self.valid: list[torch.Tensor | None] = [None] * n
+        for layer, v in values.items():
+            self.layers[layer] = self._Layer(v)
+            self.valid[layer] = valid[layer]
+
+
+class _Segment:
+    """The steps between two compactions: which rows the batch slots held (`live`),
+    each step's log-prob of the pick (B,) and captured outputs name -> layer -> (B, 1, D)."""
+
+    def __init__(self, live: list[int], capture: Sequence[str], n_layers: int) -> None:
+        self.live = live
+        self.logprobs: list[torch.Tensor] = []
+        self.grab: dict[str, list[list[torch.Tensor]]] = {
+            n: [[] for _ in range(n_layers)] for n in capture}
 
 
 class Decoder:
@@ -141,8 +182,13 @@ class Decoder:
 
     @staticmethod
     def _sample(logits: torch.Tensor, gens: Sequence[GenerationConfig],
-                generators: list[torch.Generator | None]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
+                generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor]:
+        """The picks as ints (the one host sync of a step: the loop needs them for EOS
+        and limits) and as a (B,) tensor on the device, to feed back without a copy."""
+        greedy_t = logits.argmax(dim=-1)
+        greedy = greedy_t.tolist()
+        if all(gen.temperature <= 0 for gen in gens):
+            return [int(t) for t in greedy], greedy_t
         picks = []
         for b, gen in enumerate(gens):
             if gen.temperature <= 0:
@@ -155,13 +201,18 @@ class Decoder:
                 probs = torch.zeros_like(probs).index_copy_(0, order[keep], sorted_p[keep])
                 probs = probs / probs.sum()
             picks.append(int(torch.multinomial(probs, 1, generator=generators[b]).item()))
-        return picks
+        return picks, torch.tensor(picks, device=logits.device)
 
     # ------------------------------------------------------------------ generate
     def generate(self, rows: Sequence[PatchedState], gens: Sequence[GenerationConfig],
                  measures: Sequence[MeasureConfig], capture: Sequence[str] = ()
                  ) -> list[Generation]:
-        """Decode `rows` as one batch (row b with `gens[b]`), then measure each row."""
+        """Decode `rows` as one batch (row b with `gens[b]`), then measure each row.
+
+        Slot s of the running batch holds row `live[s]`. After each forward, rows that
+        had already stopped (their final token's V is now cached) retire: the V and
+        validity their measures read are copied out, and the cache, masks and positions
+        keep only the rows still decoding."""
         started = time.perf_counter()
         keys, values, valid = self.stack(rows)
         base = [k.shape[2] for k in keys]  # slot of the first query, per layer
@@ -170,75 +221,103 @@ class Decoder:
         for r, g in zip(rows, gens):
             self.check_context(r.position + g.max_new_tokens + 1)
         cache = _cache(keys, values, reserve=max(g.max_new_tokens for g in gens) + 1)
+        del keys, values
         valid = list(valid)
         bsz = len(rows)
+        live = list(range(bsz))
         positions = torch.tensor([r.position for r in rows], device=self.device)
-        tokens = [r.first_token for r in rows]
+        feed = torch.tensor([r.first_token for r in rows], device=self.device)
         limits = [g.max_new_tokens for g in gens]
         generated: list[list[int]] = [[] for _ in rows]
         stop = ["max_new_tokens"] * bsz
         done = [lim <= 0 for lim in limits]
         generators = [torch.Generator().manual_seed(int(g.seed)) if g.temperature > 0
                       else None for g in gens]
-        step_logprobs: list[torch.Tensor] = []  # per step (B,): kept on the device until the end
-        # name -> layer -> per step (B, 1, D): the forward of step s feeds generated token s-1
-        grabbed: dict[str, list[list[torch.Tensor]]] = {
-            n: [[] for _ in range(self.n_layers)] for n in capture}
+        needed = [sorted({resolve_layer(m.early_layer, self.n_layers),
+                          resolve_layer(m.late_layer, self.n_layers)}) for m in measures]
+        kept: list[_Retired | None] = [None] * bsz
+        segments = [_Segment(live, capture, self.n_layers)]
         step = 0
-        with hooks(self._capture_hooks(grabbed)):
+        with hooks(self._capture_hooks(segments, capture)):
             while True:
-                logits = self.forward(cache, valid,
-                                      torch.tensor([tokens], device=self.device).T,
-                                      (positions + step)[:, None])
+                logits = self.forward(cache, valid, feed[:, None], (positions + step)[:, None])
                 step += 1
-                if all(done):
-                    break  # this last feed only stored V (and captures) of the final tokens
+                finished = [s for s, b in enumerate(live) if done[b]]
+                if finished:  # this feed stored V (and captures) of their final tokens
+                    for s in finished:
+                        b = live[s]
+                        kept[b] = _Retired(
+                            {layer: cache.layers[layer].values[s:s + 1].clone()
+                             for layer in needed[b]},
+                            {layer: valid[layer][s:s + 1] for layer in needed[b]})
+                    if len(finished) == len(live):
+                        break
+                    slots = [s for s, b in enumerate(live) if not done[b]]
+                    idx = torch.tensor(slots, device=self.device)
+                    for layer in cache.layers:
+                        layer.select(idx)
+                    shrunk: dict[int, torch.Tensor] = {}
+                    valid = [shrunk.setdefault(id(v), v.index_select(0, idx)) for v in valid]
+                    positions = positions.index_select(0, idx)
+                    logits = logits.index_select(0, idx)
+                    live = [live[s] for s in slots]
+                    segments.append(_Segment(live, capture, self.n_layers))
                 last = logits[:, -1]
-                picks = self._sample(last, gens, generators)
-                chosen = torch.tensor(picks, device=last.device)
-                step_logprobs.append(last.gather(1, chosen[:, None])[:, 0]
-                                     - torch.logsumexp(last, dim=-1))
-                for b in range(bsz):
-                    if done[b]:
-                        continue
-                    tokens[b] = picks[b]
-                    generated[b].append(picks[b])
-                    if row_eos := (gens[b].stop_at_eos and picks[b] in self.eos):
+                picks, feed = self._sample(last, [gens[b] for b in live],
+                                           [generators[b] for b in live])
+                segments[-1].logprobs.append(last.gather(1, feed[:, None])[:, 0]
+                                             - torch.logsumexp(last, dim=-1))
+                for s, b in enumerate(live):
+                    generated[b].append(picks[s])
+                    if row_eos := (gens[b].stop_at_eos and picks[s] in self.eos):
                         stop[b] = "eos"
                     if row_eos or len(generated[b]) >= limits[b]:
                         done[b] = True
         gen_seconds = time.perf_counter() - started
-        logprobs = (torch.stack(step_logprobs, dim=1).tolist() if step_logprobs
-                    else [[] for _ in rows])
-        stacked = {n: [torch.cat(steps, dim=1) for steps in layers]
-                   for n, layers in grabbed.items()}
+        logprobs: list[list[float]] = [[] for _ in rows]
+        captured: list[dict[str, list[list[torch.Tensor]]]] = [
+            {n: [[] for _ in range(self.n_layers)] for n in capture} for _ in rows]
+        for seg in segments:
+            lp = torch.stack(seg.logprobs, dim=1).tolist() if seg.logprobs else None
+            acts = {n: [torch.cat(steps, dim=1) for steps in layers]
+                    for n, layers in seg.grab.items()}
+            for s, b in enumerate(seg.live):
+                if lp is not None:
+                    logprobs[b].extend(lp[s])
+                for n, layers in acts.items():
+                    for layer, a in enumerate(layers):
+                        captured[b][n][layer].append(a[s])
         out = []
         for b, (row, m) in enumerate(zip(rows, measures)):
             n_gen = len(generated[b])
-            meas = geometry(m, self.n_layers, cache, valid, base, b, n_gen)
+            ret = kept[b]
+            assert ret is not None  # every row retires once, after its final feed
+            meas = geometry(m, self.n_layers, ret, ret.valid, base, 0, n_gen)
             if contrast is not None and "logprob_contrast" in m.scorers:
                 meas["score_logprob_contrast"] = contrast[b]
             text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
             meas.update(text_scores(m.scorers, text))
-            captured = {
-                n: torch.stack([acts[b, 1:1 + n_gen] for acts in layers]).float().cpu().numpy()
-                for n, layers in stacked.items()}
+            grabbed = {
+                n: torch.stack([torch.cat(parts, dim=0)[1:1 + n_gen] for parts in layers]
+                               ).float().cpu().numpy()
+                for n, layers in captured[b].items()}
             out.append(Generation(
                 ids=generated[b], text=text, stop_reason=stop[b],
                 logprobs=[float(x) for x in logprobs[b][:n_gen]], measures=meas,
-                captured=captured, meta={**row.meta, "query_position": row.position},
+                captured=grabbed, meta={**row.meta, "query_position": row.position},
                 seconds=gen_seconds / bsz))
         return out
 
-    def _capture_hooks(self, grabbed: dict[str, list[list[torch.Tensor]]]):
-        """Hooks that keep each step's module output (B, 1, D), for `capture`."""
+    def _capture_hooks(self, segments: list[_Segment], capture: Sequence[str]):
+        """Hooks that keep each step's module output (B, 1, D) in the running segment
+        (the batch's rows change at each compaction), for `capture`."""
         def keep(name: str, layer: int):
             def fn(out: torch.Tensor) -> None:
-                grabbed[name][layer].append(out.detach())
+                segments[-1].grab[name][layer].append(out.detach())
             return fn
 
         return [(self.adapter.module(self.model, name, layer), keep(name, layer))
-                for name in grabbed for layer in range(self.n_layers)]
+                for name in capture for layer in range(self.n_layers)]
 
     # ------------------------------------------------------------------ measure
     @torch.no_grad()
