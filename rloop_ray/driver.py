@@ -648,6 +648,12 @@ class _Run:
 
     # -- one model ------------------------------------------------------------------------
 
+    def _record_worker(self, model: str, info: Mapping[str, Any]) -> None:
+        """Provenance of a replica that became ready (the manifest's `workers`)."""
+        keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
+        self.workers.append({"model": model, "ready_at": now_utc(),
+                             **{k: info.get(k) for k in keys}})
+
     def run_model_local(self, model: str, tasks: list[_Task]) -> None:
         """All tasks of one model on one in-process replica, in order (no Ray).
 
@@ -666,9 +672,7 @@ class _Run:
         self.engines.setdefault(model, info["engine"])
         if info.get("max_batch_size"):
             self.engine_batch.setdefault(model, int(info["max_batch_size"]))
-        keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
-        self.workers.append({"model": model, "ready_at": now_utc(),
-                             **{k: info.get(k) for k in keys}})
+        self._record_worker(model, info)
         queue: deque[_Task] = deque(tasks)
         while queue and not self.latch.stop:
             task = queue.popleft()
@@ -886,9 +890,7 @@ class _Run:
             self.engines.setdefault(model, info["engine"])
             if info.get("max_batch_size"):
                 self.engine_batch.setdefault(model, int(info["max_batch_size"]))
-            keys = ("worker", "node", "pid", "accelerator_ids", "load_seconds", "threads")
-            self.workers.append({"model": model, "ready_at": now_utc(),
-                             **{k: info.get(k) for k in keys}})
+            self._record_worker(model, info)
             log.info(
                 "worker %s ready on node %s, accelerators %s (load %.1fs)",
                 info["worker"],

