@@ -109,6 +109,7 @@ COORDINATE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("alpha", pa.float64()),
     pa.field("control", pa.string()),
     pa.field("seed", pa.int64()),
+    pa.field("during", pa.string()),
 )
 
 assert tuple(f.name for f in COORDINATE_FIELDS) == COORDINATE_COLUMNS, "see vocab.py"
@@ -158,6 +159,24 @@ ENGINE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("rv_window", pa.int64()),
     pa.field("rv_centered", pa.bool_()),
     pa.field("rv_prompt_status", pa.string()),
+    # content-selected positions (`match:<regex>`), generation-time patches, steering
+    pa.field("n_matched_positions", pa.int64()),
+    pa.field("n_generation_patched_steps", pa.int64()),
+    pa.field("steer_id", pa.string()),
+    pa.field("steer_norm", pa.float64()),
+    # next-token distribution of the first generated step
+    pa.field("kl_from_natural", pa.float64()),
+    pa.field("top_ids", pa.list_(pa.int64())),
+    pa.field("top_logprobs", pa.list_(pa.float64())),
+    pa.field("token_logprobs", pa.list_(pa.float64())),
+    # layer profiles (`measure.layers`) and attention (`measure.attention`)
+    pa.field("profile_layers", pa.list_(pa.int64())),
+    pa.field("pr_by_layer", pa.list_(pa.float64())),
+    pa.field("pr_prompt_by_layer", pa.list_(pa.float64())),
+    pa.field("attn_entropy", pa.list_(pa.float64())),
+    pa.field("attn_mass_prompt", pa.list_(pa.float64())),
+    pa.field("attn_mass_generated", pa.list_(pa.float64())),
+    pa.field("attn_mass_patched", pa.list_(pa.float64())),
 )
 
 CELL_SCHEMA = pa.schema(COORDINATE_FIELDS + RUNNER_FIELDS + ENGINE_FIELDS)

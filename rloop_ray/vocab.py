@@ -18,10 +18,33 @@ PREFILL_SITES = ("v_proj", "qkv", "resid")
 """Sites that edit activations during the target's prefill (later layers see the edit)."""
 MIX = "mix"
 TRANSPLANT = "transplant"
-MODES = (MIX, TRANSPLANT)
+STEER = "steer"
+MODES = (MIX, TRANSPLANT, STEER)
 """`mix`: position-aligned float32 mix. `transplant`: replace the target's cache by the
-source's (cache sites only; lengths may differ)."""
+source's (cache sites only; lengths may differ). `steer`: add `alpha x` the difference
+of the source group's and the target group's mean activation (difference of means)."""
+STEER_SITES = ("resid", "v_proj")
+"""Sites a steering vector can be added at."""
+STEER_CONTROLS = ("natural", "self", "random")
+"""Controls defined for `steer` points: `self` steers by the zero vector (target group
+minus itself), `random` by a seeded random direction of the same norm per layer."""
+
+PREFILL = "prefill"
+GENERATION = "generation"
+BOTH = "both"
+DURING = (PREFILL, GENERATION, BOTH)
+"""When an intervention acts: on the prompt's prefill (the default), on every generated
+token (the source decodes alongside the target, step t mixed with its step t), or both."""
+GENERATION_SITES = ("kv", "v_proj", "qkv", "resid")
+"""Sites that can be patched during generation (`kv`: the generated tokens' cache entries)."""
 ALIGNS = ("start", "end")
+MATCH_PREFIX = "match:"
+"""Token spec `match:<regex>`: the target prefill positions whose decoded token text
+matches the (Python) regex; the number matched is the row's `n_matched_positions`."""
+LAYER_EACH = "each"
+LAYER_WINDOWS = "windows"
+"""Layer-axis expanders: `{each: "10:21"}` is one point per single layer of the range,
+`{windows: W, step: S}` (optionally `over: "a:b"`) sliding windows of W layers."""
 """Which source position feeds a target position when the lengths differ."""
 
 # -- controls -----------------------------------------------------------------------------
@@ -110,11 +133,11 @@ SWEEP_STATUSES = (SWEEP_CREATED, SWEEP_RUNNING, SWEEP_COMPLETE, SWEEP_PARTIAL,
 COORDINATE_COLUMNS = (
     "cell_id", "unit_id", "model", "source_id", "target_id", "source_group", "target_group",
     "source_level", "target_level", "pair_index", "site", "mode", "layers", "tokens",
-    "align", "alpha", "control", "seed",
+    "align", "alpha", "control", "seed", "during",
 )
 """The grid coordinates every result row carries; their Arrow types are in `store.py`."""
 DERIVED_FROM = "derived_from"
 """Row column: the natural cell a row was copied from, for cells that are natural by
 construction (`derive.py`); null for every decoded row."""
-POINT_COLUMNS = ("site", "mode", "layers", "tokens", "align", "alpha")
+POINT_COLUMNS = ("site", "mode", "layers", "tokens", "align", "alpha", "during")
 """One intervention point: where, how and how strongly a cell was patched."""

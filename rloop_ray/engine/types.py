@@ -36,6 +36,23 @@ class Intervention:
     mode: str = "mix"  # kv sites only: "mix" (position-aligned) or "transplant"
     control: str = "patch"
     control_seed: int = 0  # seeds the permutation of `shuffle` and the noise of `random`
+    during: str = "prefill"  # "prefill" | "generation" | "both" (vocab.DURING)
+
+
+@dataclass(frozen=True)
+class SteerSource:
+    """The prompts a `steer` cell's vector is the difference of means of.
+
+    vector(layer) = mean over `source_texts` - mean over `target_texts` of the site's
+    activation at that layer, each prompt averaged over the cell's token selection of its
+    own prefill. The grid fills it from the prompt bank (the source group's and the
+    target group's prompts of the sweep); the engine computes each distinct vector once.
+    """
+
+    source_group: str
+    target_group: str
+    source_texts: tuple[str, ...]
+    target_texts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,11 @@ class MeasureConfig:
     centering: bool = False
     trajectory: bool = False  # R_V over a sliding window at every generation step
     scorers: tuple[str, ...] = ("keywords", "regex", "logprob_contrast")
+    attention: bool = False  # attn_entropy / attn_mass_* per layer of the generated queries
+    layers: str | tuple[str, ...] | None = None  # None | "all" | layer points: pr_by_layer
+    kl_from_natural: bool = True  # KL(patched || natural) of the first generated step
+    top_logprobs: int = 5  # top-k ids and log-probs of the first generated step (0: none)
+    token_logprobs: bool = False  # the log-prob of each generated token as a list column
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,7 @@ class CellRequest:
     intervention: Intervention = field(default_factory=Intervention)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    steer: SteerSource | None = None  # mode "steer" only: the groups the vector comes from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
