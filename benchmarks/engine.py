@@ -197,6 +197,25 @@ def compare_peer(engine: Engine, n_cells: int, n_new: int, *, realistic: bool,
             "peer": len(ok) / t_peer, "agree": agree, "early": early}
 
 
+def compare_during(engine: Engine, n_cells: int, n_new: int, repeats: int
+                   ) -> dict[str, float]:
+    """`Engine.run` on the same cells patched at prefill, during generation and both.
+
+    The generation-time cells decode each distinct source alongside (one companion per
+    source: 2 here), so the batch is n + 2 rows; the goal is to stay within 2.5x."""
+    from dataclasses import replace
+
+    base = make_cells(n_cells, n_new)
+    out: dict[str, float] = {}
+    engine.max_batch_size = n_cells
+    for during in ("prefill", "generation", "both"):
+        cells = [replace(c, intervention=replace(c.intervention, during=during))
+                 for c in base]
+        t, _ = best_of(lambda cells=cells: engine.run(cells), repeats)
+        out[during] = n_cells / t
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -208,6 +227,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the (slow) notebook reference")
+    parser.add_argument("--no-peer", action="store_true", help="skip the HF generate peer")
+    parser.add_argument("--no-during", action="store_true",
+                        help="skip prefill vs during-generation patching")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,6 +261,19 @@ def main() -> None:
               f"{t_ref / t_run:>8.1f}")
         print(f"token-for-token agreement: {agree}/{len(cells)} cells")
 
+    if not args.no_during:
+        print("\npatched at prefill vs during generation (Engine.run incl. patching, same "
+              f"cells, best of {args.repeats})")
+        print(f"{'cells':>6}{'prefill/s':>11}{'generation/s':>14}{'both/s':>9}"
+              f"{'gen cost':>10}{'both cost':>11}")
+        for n in sizes:
+            r = compare_during(engine, n, args.new_tokens, args.repeats)
+            print(f"{n:>6}{r['prefill']:>11.2f}{r['generation']:>14.2f}{r['both']:>9.2f}"
+                  f"{r['prefill'] / r['generation']:>9.2f}x{r['prefill'] / r['both']:>10.2f}x")
+        print("cost: prefill rate / generation-time rate (goal: <= 2.5x); the sources "
+              "decode alongside as companion rows, one per distinct source.")
+    if args.no_peer:
+        return
     print("\nvs the peer (one HF generate over the same patched caches; generate steps only,"
           f" best of {args.repeats}, alternating)")
     print(f"{'mix':<30}{'cells':>6}{'peer n':>7}{'early EOS':>10}{'engine/s':>10}"

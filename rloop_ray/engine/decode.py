@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from rloop_ray.engine import attention
+from rloop_ray.engine.generation_patch import StepPatcher
 from rloop_ray.engine.hooks import hooks
 from rloop_ray.engine.measure import geometry, text_scores
 from rloop_ray.engine.selectors import resolve_layer
@@ -49,9 +51,15 @@ class _PreallocatedLayer(DynamicLayer):
         self._len = length
         self.lazy_initialization(keys, values)
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+        self.transform: Callable[[torch.Tensor, torch.Tensor],
+                                 tuple[torch.Tensor, torch.Tensor]] | None = None
+        """Edits the entries a forward writes before attention reads them (a `kv` patch
+        during generation, `generation_patch.StepPatcher.cache_transform`)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.transform is not None:
+            key_states, value_states = self.transform(key_states, value_states)
         n = key_states.shape[-2]
         if self._len + n > self._k.shape[2]:
             self._k = torch.cat([self._k[:, :, :self._len], key_states], dim=-2)
@@ -214,10 +222,12 @@ class Decoder:
         validity their measures read are copied out, and the cache, masks and positions
         keep only the rows still decoding."""
         started = time.perf_counter()
+        n_real = len(rows)
+        rows, gens, measures, patcher, targets_of = self._with_companions(rows, gens, measures)
         keys, values, valid = self.stack(rows)
         base = [k.shape[2] for k in keys]  # slot of the first query, per layer
-        contrast = self.logprob_contrast(rows, keys, values, valid) \
-            if any("logprob_contrast" in m.scorers for m in measures) else None
+        contrast = self.logprob_contrast(rows, keys, values, valid, patcher) \
+            if any("logprob_contrast" in m.scorers for m in measures[:n_real]) else None
         for r, g in zip(rows, gens):
             self.check_context(r.position + g.max_new_tokens + 1)
         cache = _cache(keys, values, reserve=max(g.max_new_tokens for g in gens) + 1)
@@ -238,14 +248,28 @@ class Decoder:
         kept: list[_Retired | None] = [None] * bsz
         segments = [_Segment(live, capture, self.n_layers)]
         step = 0
-        with hooks(self._capture_hooks(segments, capture)):
+        fed = [0] * bsz  # forwards each row took part in (its generation-time patches)
+        patch_hooks = []
+        if patcher is not None:
+            for layer_idx, layer in enumerate(cache.layers):
+                layer.transform = patcher.cache_transform(layer_idx)
+            patcher.layout(live)
+            patch_hooks = patcher.hooks(lambda n, l_: self.adapter.module(self.model, n, l_))
+        # patch hooks first: a capture then records what the patched row really computed
+        with hooks([*patch_hooks, *self._capture_hooks(segments, capture)]):
             while True:
+                if patcher is not None:
+                    patcher.step = step
                 logits = self.forward(cache, valid, feed[:, None], (positions + step)[:, None])
                 step += 1
+                for b in live:
+                    fed[b] += 1
                 finished = [s for s, b in enumerate(live) if done[b]]
                 if finished:  # this feed stored V (and captures) of their final tokens
                     for s in finished:
                         b = live[s]
+                        if b >= n_real:  # a companion: nothing of it is measured
+                            continue
                         kept[b] = _Retired(
                             {layer: cache.layers[layer].values[s:s + 1].clone()
                              for layer in needed[b]},
@@ -262,6 +286,8 @@ class Decoder:
                     logits = logits.index_select(0, idx)
                     live = [live[s] for s in slots]
                     segments.append(_Segment(live, capture, self.n_layers))
+                    if patcher is not None:
+                        patcher.layout(live)
                 last = logits[:, -1]
                 picks, feed = self._sample(last, [gens[b] for b in live],
                                            [generators[b] for b in live])
@@ -273,6 +299,8 @@ class Decoder:
                         stop[b] = "eos"
                     if row_eos or len(generated[b]) >= limits[b]:
                         done[b] = True
+                for c, targets in targets_of.items():  # a companion runs as long as they do
+                    done[c] = done[c] or all(done[t] for t in targets)
         gen_seconds = time.perf_counter() - started
         logprobs: list[list[float]] = [[] for _ in rows]
         captured: list[dict[str, list[list[torch.Tensor]]]] = [
@@ -288,7 +316,7 @@ class Decoder:
                     for layer, a in enumerate(layers):
                         captured[b][n][layer].append(a[s])
         out = []
-        for b, (row, m) in enumerate(zip(rows, measures)):
+        for b, (row, m) in enumerate(zip(rows[:n_real], measures[:n_real])):
             n_gen = len(generated[b])
             ret = kept[b]
             assert ret is not None  # every row retires once, after its final feed
@@ -304,9 +332,53 @@ class Decoder:
             out.append(Generation(
                 ids=generated[b], text=text, stop_reason=stop[b],
                 logprobs=[float(x) for x in logprobs[b][:n_gen]], measures=meas,
-                captured=grabbed, meta={**row.meta, "query_position": row.position},
-                seconds=gen_seconds / bsz))
+                captured=grabbed, meta={**row.meta, "query_position": row.position,
+                                        "n_generation_patched_steps":
+                                            fed[b] if row.step_patch is not None else 0},
+                seconds=gen_seconds / n_real))
         return out
+
+    def _with_companions(self, rows: Sequence[PatchedState], gens: Sequence[GenerationConfig],
+                         measures: Sequence[MeasureConfig]
+                         ) -> tuple[list[PatchedState], list[GenerationConfig],
+                                    list[MeasureConfig], StepPatcher | None,
+                                    dict[int, list[int]]]:
+        """The batch with each generation-time mix's source appended as a companion row.
+
+        Targets that read the same source (same prompt and control, and for sampled
+        decoding the same settings and seed) share one companion. A companion decodes
+        greedily or with its first target's settings, does not stop at EOS and runs for
+        its longest target, so every step of a target has a source step to mix with.
+        Returns (rows, gens, measures, patcher or None, companion row -> its targets)."""
+        patches = [r.step_patch for r in rows]
+        if all(p is None for p in patches):
+            return list(rows), list(gens), list(measures), None, {}
+        all_rows, all_gens, all_measures = list(rows), list(gens), list(measures)
+        companion_of: list[int | None] = [None] * len(rows)
+        index: dict[tuple, int] = {}
+        targets_of: dict[int, list[int]] = {}
+        for b, p in enumerate(patches):
+            if p is None or p.companion is None:
+                continue
+            g = gens[b]
+            key = (p.companion_key, g.temperature, g.top_p,
+                   g.seed if g.temperature > 0 else None)
+            c = index.get(key)
+            if c is None:
+                c = index[key] = len(all_rows)
+                all_rows.append(p.companion)  # type: ignore[arg-type]
+                all_gens.append(g)
+                all_measures.append(measures[b])
+                targets_of[c] = []
+            companion_of[b] = c
+            targets_of[c].append(b)
+        for c, targets in targets_of.items():
+            all_gens[c] = replace(all_gens[c], stop_at_eos=False,
+                                  max_new_tokens=max(gens[t].max_new_tokens for t in targets))
+        n_extra = len(all_rows) - len(rows)
+        patcher = StepPatcher([*patches, *[None] * n_extra], [*companion_of, *[None] * n_extra],
+                              self.adapter.head_dim, self.device)
+        return all_rows, all_gens, all_measures, patcher, targets_of
 
     def _capture_hooks(self, segments: list[_Segment], capture: Sequence[str]):
         """Hooks that keep each step's module output (B, 1, D) in the running segment
@@ -322,9 +394,13 @@ class Decoder:
     # ------------------------------------------------------------------ measure
     @torch.no_grad()
     def logprob_contrast(self, rows: Sequence[PatchedState], keys: list[torch.Tensor],
-                         values: list[torch.Tensor], valid: list[torch.Tensor]) -> list[float]:
+                         values: list[torch.Tensor], valid: list[torch.Tensor],
+                         patcher: StepPatcher | None = None) -> list[float]:
         """Mean log-prob per token of the recursive continuation minus the neutral one,
-        teacher-forced from each row's patched state (no sampling, low variance)."""
+        teacher-forced from each row's patched state (no sampling, low variance).
+
+        Generation-time patches act on the teacher-forced positions too: a companion is
+        fed the same continuation, and each position is mixed with the companion's."""
         conts = [self.continuations["recursive"], self.continuations["neutral"]]
         bsz = len(rows)
         q_len = 1 + max(len(c) for c in conts)
@@ -342,7 +418,15 @@ class Decoder:
         positions = positions[:, None] + torch.arange(q_len, device=self.device)[None, :]
         doubled: dict[int, torch.Tensor] = {}
         valid2 = [doubled.setdefault(id(v), v.repeat(2, 1)) for v in valid]
-        logits = self.forward(cache, valid2, inputs, positions, q_valid=q_valid)
+        patch_hooks = []
+        if patcher is not None:
+            patcher.step = 0
+            patcher.layout([*range(bsz), *range(bsz)], [0] * bsz + [1] * bsz)
+            for layer_idx, layer in enumerate(cache.layers):
+                layer.transform = patcher.cache_transform(layer_idx)
+            patch_hooks = patcher.hooks(lambda n, l_: self.adapter.module(self.model, n, l_))
+        with hooks(patch_hooks):
+            logits = self.forward(cache, valid2, inputs, positions, q_valid=q_valid)
         logp = torch.log_softmax(logits, dim=-1)
         means = []
         for half, cont in enumerate(conts):

@@ -7,6 +7,7 @@ the source (`shuffle`, `random`) are functions of the source tensor and a seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,14 @@ class PositionMap:
     target: list[int]
     source: list[int]
     n_unmatched: int  # selected target positions with no source counterpart (left alone)
+    n_selected: int | None = None
+    """Positions the token spec selected on the target, before alignment: for `match:`
+    specs the row's `n_matched_positions`. None (when built by hand) means
+    `len(target) + n_unmatched`, which is what `position_map` computes."""
+
+    def __post_init__(self) -> None:
+        if self.n_selected is None:
+            object.__setattr__(self, "n_selected", len(self.target) + self.n_unmatched)
 
     @property
     def rope_consistent(self) -> bool:
@@ -28,17 +37,24 @@ class PositionMap:
         return all(t == s for t, s in zip(self.target, self.source))
 
 
-def position_map(tokens: str, align: str, target_len: int, source_len: int) -> PositionMap:
-    """Resolve a token spec over `target_len` prefill positions against a source prefill."""
+def position_map(tokens: str, align: str, target_len: int, source_len: int,
+                 token_texts: Sequence[str] | None = None) -> PositionMap:
+    """Resolve a token spec over `target_len` prefill positions against a source prefill.
+
+    `token_texts` (the decoded text of each of the target's `target_len` prefill tokens,
+    `selectors.token_texts_of`) is needed by `match:<regex>` specs only; without it such
+    a spec raises ValueError.
+    """
     tgt, src, unmatched = [], [], 0
-    for p in resolve_tokens(tokens, target_len):
+    selected = resolve_tokens(tokens, target_len, token_texts)
+    for p in selected:
         q = aligned_source_position(p, target_len, source_len, align)
         if q is None:
             unmatched += 1
         else:
             tgt.append(p)
             src.append(q)
-    return PositionMap(tgt, src, unmatched)
+    return PositionMap(tgt, src, unmatched, n_selected=len(selected))
 
 
 def mix_positions(target: torch.Tensor, source: torch.Tensor, pmap: PositionMap, alpha: float,

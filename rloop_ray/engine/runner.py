@@ -22,7 +22,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, overload
 
 import torch
@@ -30,6 +30,7 @@ from transformers import DynamicCache
 
 from rloop_ray.engine import attention
 from rloop_ray.engine.decode import Decoder
+from rloop_ray.engine.generation_patch import StepPatch
 from rloop_ray.engine.geometry import spectrum
 from rloop_ray.engine.hooks import hooks
 from rloop_ray.engine.interventions import (
@@ -39,8 +40,14 @@ from rloop_ray.engine.interventions import (
     permutation,
     position_map,
 )
-from rloop_ray.engine.selectors import resolve_layer, resolve_layers
+from rloop_ray.engine.selectors import (
+    resolve_layer,
+    resolve_layers,
+    resolve_tokens,
+    token_texts_of,
+)
 from rloop_ray.engine.states import PatchedState, PromptState
+from rloop_ray.engine.steering import SteeringVector, difference_of_means
 from rloop_ray.engine.types import (
     CACHE_SITES,
     CONTROLS,
@@ -51,8 +58,25 @@ from rloop_ray.engine.types import (
     GenerationConfig,
     Intervention,
     MeasureConfig,
+    SteerSource,
 )
-from rloop_ray.vocab import NATURAL, NONE, SELF, SHUFFLE
+from rloop_ray.vocab import (
+    BOTH,
+    DURING,
+    GENERATION,
+    GENERATION_SITES,
+    MATCH_PREFIX,
+    NATURAL,
+    NONE,
+    PATCH,
+    PREFILL,
+    SELF,
+    SHUFFLE,
+    STEER,
+    STEER_CONTROLS,
+    STEER_SITES,
+    TRANSPLANT,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +128,30 @@ def _is_natural(iv: Intervention) -> bool:
     return iv.control == NATURAL or iv.site == NONE
 
 
+def _is_match(tokens: str) -> bool:
+    return str(tokens).strip().startswith(MATCH_PREFIX)
+
+
 Prompt = PromptState | str
 """A prompt as the steps take it: an encoded state, or a text (encoded, cached)."""
 
 
 class _Job(NamedTuple):
-    """One patch to prepare: `index` is where its result goes."""
+    """One patch to prepare: `index` is where its result goes. A steer patch's source
+    is the `SteerSource` its vector comes from."""
 
     index: int
     target: Prompt
-    source: Prompt | None
+    source: Prompt | SteerSource | None
     intervention: Intervention
 
 
-def _prompt_key(prompt: Prompt | None) -> tuple[str, int | None] | None:
+def _prompt_key(prompt: Prompt | SteerSource | None) -> tuple | None:
     """Groups patches by the prompts they read (a state and its text are the same)."""
     if prompt is None:
         return None
+    if isinstance(prompt, SteerSource):
+        return "\x00steer", prompt
     if isinstance(prompt, PromptState):
         return prompt.text, prompt.shuffle_seed
     return prompt, None
@@ -137,15 +168,22 @@ class PreparedRow:
     first_token: int
     position: int  # rotary position of the first query
     meta: dict[str, Any]
+    step_patch: StepPatch | None = None
 
     @classmethod
     def bind(cls, index: int, request: CellRequest, state: PatchedState) -> PreparedRow:
         return cls(index, request, state.keys, state.values, state.first_token,
-                   state.position, state.meta)
+                   state.position, state.meta, state.step_patch)
 
     def state(self) -> PatchedState:
         return PatchedState(self.keys, self.values, self.first_token, self.position,
-                            self.meta, intervention=self.request.intervention)
+                            self.meta, intervention=self.request.intervention,
+                            step_patch=self.step_patch)
+
+
+def _request_source(req: CellRequest) -> str | SteerSource | None:
+    """What a cell's patch reads: the steer groups for a steer cell, else the source text."""
+    return req.steer if req.intervention.mode == STEER else req.source_text
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -187,6 +225,7 @@ class Engine:
         self.model.set_attn_implementation(attention.register())
         self._windows = [self.adapter.sliding_window(i) for i in range(self.n_layers)]
         self._prompts: OrderedDict[str, PromptState] = OrderedDict()
+        self._steering: dict[tuple, SteeringVector] = {}
         self._prompt_cache_size = prompt_cache_size
         self._eos = self._eos_ids()
         self._max_positions = getattr(self.model.config.get_text_config(),
@@ -402,12 +441,17 @@ class Engine:
         prefill_jobs = []
         for job in jobs:
             try:
-                self._validate(job.intervention, has_source=job.source is not None)
+                self._validate(job.intervention, job.source)
                 iv = job.intervention
                 if _is_natural(iv):
                     yield job.index, self._natural_state(self._resolve(job.target), iv)
+                elif iv.mode == STEER:
+                    yield job.index, self._steer_patch(job)
+                elif iv.during == GENERATION:
+                    yield job.index, self._with_step_patch(
+                        job, self._natural_state(self._resolve(job.target), iv))
                 elif iv.site in CACHE_SITES:
-                    yield job.index, self._cache_patch(job)
+                    yield job.index, self._with_step_patch(job, self._cache_patch(job))
                 else:
                     prefill_jobs.append(job)
             except Exception as exc:  # noqa: BLE001 - errors are data
@@ -416,22 +460,45 @@ class Engine:
             chunk = prefill_jobs[start:start + self.max_batch_size]
             try:
                 states = self._prefill_patch(chunk)
-                yield from ((job.index, state) for job, state in zip(chunk, states))
+                yield from ((job.index, self._with_step_patch(job, state))
+                            for job, state in zip(chunk, states))
             except Exception as exc:  # noqa: BLE001 - isolate the failing patch
                 if len(chunk) == 1:
                     yield chunk[0].index, exc
                     continue
                 for job in chunk:
                     try:
-                        yield job.index, self._prefill_patch([job])[0]
+                        yield job.index, self._with_step_patch(job, self._prefill_patch([job])[0])
                     except Exception as exc_one:  # noqa: BLE001
                         yield job.index, exc_one
 
-    def _validate(self, iv: Intervention, *, has_source: bool) -> None:
+    def _validate(self, iv: Intervention, source: Prompt | SteerSource | None) -> None:
+        has_source = source is not None
         if iv.control not in CONTROLS:
             raise CellError(f"unknown control {iv.control!r}; allowed: {', '.join(CONTROLS)}")
         if _is_natural(iv):
             return
+        if iv.during not in DURING:
+            raise CellError(f"unknown during {iv.during!r}; allowed: {', '.join(DURING)}")
+        if iv.mode == STEER:
+            if iv.site not in STEER_SITES:
+                raise CellError(f"mode 'steer' applies to {', '.join(STEER_SITES)}, "
+                                f"not {iv.site!r}")
+            if iv.control != PATCH and iv.control not in STEER_CONTROLS:
+                raise CellError(f"control {iv.control!r} is not defined for steer; allowed: "
+                                f"{', '.join(STEER_CONTROLS)}")
+            if not isinstance(source, SteerSource):
+                raise CellError("a steer cell needs a SteerSource (the groups its vector "
+                                f"is the difference of), got {type(source).__name__}")
+        elif isinstance(source, SteerSource):
+            raise CellError(f"a SteerSource is the source of a steer cell only (mode {iv.mode!r})")
+        if iv.during != PREFILL:
+            if iv.site not in GENERATION_SITES and iv.mode != STEER:
+                raise CellError(f"site {iv.site!r} cannot be patched during generation; "
+                                f"allowed: {', '.join(GENERATION_SITES)}")
+            if iv.mode == TRANSPLANT:
+                raise CellError("a transplant replaces the prompt's cache: it has no "
+                                "generation-time form (use mode 'mix' with during)")
         if iv.site not in SITES:
             raise CellError(f"unknown site {iv.site!r}; allowed: {', '.join(SITES)}")
         if iv.mode not in MODES:
@@ -449,7 +516,9 @@ class Engine:
 
     def _base_meta(self, iv: Intervention | None, target: PromptState) -> dict[str, Any]:
         """The patch columns of an unpatched target (a patch then fills in its own)."""
-        extrapolated = iv is not None and not _is_natural(iv) and not 0.0 <= float(iv.alpha) <= 1.0
+        # a steer alpha scales a vector: it is not a mix weight and cannot extrapolate one
+        extrapolated = (iv is not None and not _is_natural(iv) and iv.mode != STEER
+                        and not 0.0 <= float(iv.alpha) <= 1.0)
         return {"n_target_tokens": len(target.ids), "n_source_tokens": None,
                 "n_patched_positions": 0, "n_unpatched_positions": 0, "patched_layers": [],
                 "rope_consistent": True, "alpha_extrapolated": bool(extrapolated)}
@@ -505,8 +574,9 @@ class Engine:
             meta["rope_consistent"] = (source.prefill_len == target.prefill_len
                                        or len(layers) == self.n_layers)
         else:
-            pmap = position_map(iv.tokens, iv.align, target.prefill_len, source.prefill_len)
+            pmap = self._pmap(iv, target, source)
             _require_positions(pmap, iv, target.prefill_len, source.prefill_len)
+            meta["n_matched_positions"] = self._n_matched(iv, pmap)
             for layer in layers:
                 if touch_k:
                     keys[layer] = mix_positions(keys[layer], src_k[layer], pmap, iv.alpha, dim=1)
@@ -520,6 +590,114 @@ class Engine:
         meta["query_position"] = position
         return PatchedState(keys, values, target.ids[-1], position, meta,
                             prompt_ids=target.ids, text=target.text, intervention=iv)
+
+    def _token_texts(self, state: PromptState) -> list[str]:
+        """Decoded text of each prefill token (what a `match:` token spec reads)."""
+        return token_texts_of(self.tokenizer, state.ids[:-1])
+
+    def _pmap(self, iv: Intervention, target: PromptState, source: PromptState) -> PositionMap:
+        texts = self._token_texts(target) if _is_match(iv.tokens) else None
+        return position_map(iv.tokens, iv.align, target.prefill_len, source.prefill_len,
+                            token_texts=texts)
+
+    def _positions(self, tokens: str, state: PromptState) -> list[int]:
+        """Prefill positions of `state` a token spec selects (no source: steering)."""
+        texts = self._token_texts(state) if _is_match(tokens) else None
+        return resolve_tokens(tokens, state.prefill_len, token_texts=texts)
+
+    @staticmethod
+    def _n_matched(iv: Intervention, pmap: PositionMap) -> int | None:
+        return pmap.n_selected if _is_match(iv.tokens) else None
+
+    # ------------------------------------------------------------------ during generation
+    def _with_step_patch(self, job: _Job, state: PatchedState) -> PatchedState:
+        """`state` with the generation-time half of a `during: generation | both` mix.
+
+        The source decodes alongside as a companion (`generation_patch.py`). `self` needs
+        none: the target mixed with its own natural run equals that run, so the cell is
+        natural during generation by construction (exactly, for every alpha)."""
+        iv = job.intervention
+        if iv.during not in (GENERATION, BOTH):
+            return state
+        target = self._resolve(job.target)
+        layers = resolve_layers(iv.layers, self.n_layers)
+        meta = dict(state.meta)
+        meta["patched_layers"] = sorted(set(meta.get("patched_layers") or []) | set(layers))
+        meta.setdefault("query_position", state.position)
+        if iv.control == SELF:
+            return replace(state, meta=meta)
+        source = self._source_state(target, job.source, iv)
+        meta["n_source_tokens"] = len(source.ids)
+        if iv.site in CACHE_SITES and source.prefill_len != target.prefill_len:
+            meta["rope_consistent"] = False  # step t's keys carry the source's positions
+        patch = StepPatch(site=iv.site, layers=frozenset(layers), alpha=float(iv.alpha),
+                          control=iv.control, seed=int(iv.control_seed),
+                          companion=self._natural_state(source),
+                          companion_key=(source.text, source.shuffle_seed))
+        return replace(state, meta=meta, step_patch=patch)
+
+    # ------------------------------------------------------------------ steering
+    def steering_vector(self, site: str, layers: Sequence[int], tokens: str,
+                        steer: SteerSource, control: str = "patch", seed: int = 0
+                        ) -> SteeringVector:
+        """The difference-of-means vector of a steer cell (`steering.py`), computed once
+        per distinct (site, layers, tokens, groups, control) and kept."""
+        key = (site, tuple(layers), tokens, steer, control, seed if control != SELF else 0)
+        found = self._steering.get(key)
+        if found is None:
+            found = difference_of_means(
+                steer, model=self.model_name, site=site, layers=list(layers), tokens=tokens,
+                control=control, seed=seed,
+                encode=lambda text: self._encode_one(text, (site,), None),
+                select=lambda state: self._positions(tokens, state))
+            self._steering[key] = found
+        return found
+
+    def _steer_patch(self, job: _Job) -> PatchedState:
+        """Add `alpha x` the steering vector at the selected prefill positions (prefill,
+        both) and/or at every generated position (generation, both)."""
+        iv = job.intervention
+        assert isinstance(job.source, SteerSource)
+        target = self._resolve(job.target)
+        layers = resolve_layers(iv.layers, self.n_layers)
+        vec = self.steering_vector(iv.site, layers, iv.tokens, job.source, iv.control,
+                                   iv.control_seed)
+        meta = self._base_meta(iv, target)
+        meta.update(patched_layers=layers, steer_id=vec.id, steer_norm=vec.norm,
+                    query_position=target.prefill_len)
+        keys, values = list(target.keys), list(target.values)
+        if iv.during in (PREFILL, BOTH):
+            positions = self._positions(iv.tokens, target)
+            if not positions:
+                raise EmptyTokenSelection(
+                    f"token spec {iv.tokens!r} selects no position on a target prefill of "
+                    f"{target.prefill_len} positions: the steer cell would add nothing")
+            idx = torch.tensor(positions, device=self.device)
+            alpha = float(iv.alpha)
+
+            def add(layer: int):
+                def fn(out: torch.Tensor) -> torch.Tensor:
+                    new = out.clone()
+                    part = out.index_select(1, idx).float() + alpha * vec.vectors[layer]
+                    new.index_copy_(1, idx, part.to(out.dtype))
+                    return new
+                return fn
+
+            pairs = [(self.adapter.module(self.model, iv.site, layer), add(layer))
+                     for layer in layers]
+            cache = self._prefill(torch.tensor([target.ids[:-1]], device=self.device), pairs)
+            keys = [cache.layers[i].keys[0] for i in range(self.n_layers)]
+            values = [cache.layers[i].values[0] for i in range(self.n_layers)]
+            meta["n_patched_positions"] = len(positions)
+            if _is_match(iv.tokens):
+                meta["n_matched_positions"] = len(positions)
+        state = PatchedState(keys, values, target.ids[-1], target.prefill_len, meta,
+                             prompt_ids=target.ids, text=target.text, intervention=iv)
+        if iv.during in (GENERATION, BOTH):
+            state.step_patch = StepPatch(site=iv.site, layers=frozenset(layers),
+                                         alpha=float(iv.alpha), control=iv.control,
+                                         seed=int(iv.control_seed), vectors=vec.vectors)
+        return state
 
     def _controlled_cache(self, source: PromptState, control: str, seed: int,
                           layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -557,12 +735,13 @@ class Engine:
         for job, source in zip(jobs, sources):
             iv = job.intervention
             layers = resolve_layers(iv.layers, self.n_layers)
-            pmap = position_map(iv.tokens, iv.align, target.prefill_len, source.prefill_len)
+            pmap = self._pmap(iv, target, source)
             _require_positions(pmap, iv, target.prefill_len, source.prefill_len)
             plans.append((set(layers), pmap, float(iv.alpha), source, iv.control,
                           iv.control_seed, _PREFILL_MODULES[iv.site]))
             meta = self._base_meta(iv, target)
             meta.update(n_source_tokens=len(source.ids), patched_layers=layers,
+                        n_matched_positions=self._n_matched(iv, pmap),
                         n_patched_positions=len(pmap.target),
                         n_unpatched_positions=pmap.n_unmatched,
                         query_position=target.prefill_len)
@@ -649,7 +828,7 @@ class Engine:
         for i, req in enumerate(requests):
             groups.setdefault((req.target_text, req.source_text), []).append(i)
         for indices in groups.values():
-            jobs = [_Job(i, requests[i].target_text, requests[i].source_text,
+            jobs = [_Job(i, requests[i].target_text, _request_source(requests[i]),
                          requests[i].intervention) for i in indices]
             for i, res in self._patch_group(jobs):
                 if isinstance(res, PatchedState):

@@ -3,12 +3,20 @@
 Specs are strings so one grid means the same thing on models of different depth
 (`"50%:100%"`) and prompts of different length (`"last:25%"`). Resolution is pure
 and needs only a number (depth or length), so `validate` can check a grid against a
-model's config without loading weights.
+model's config without loading weights. The one content-based spec, `match:<regex>`,
+also needs the decoded text of each prefill token (`token_texts_of`), which the engine
+and the pre-flight compute the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from rloop_ray.vocab import MATCH_PREFIX
 
 
 class SpecError(ValueError):
@@ -88,14 +96,62 @@ def _count(text: str, length: int) -> int:
     return min(n, length)
 
 
-def resolve_tokens(spec: str, length: int) -> list[int]:
+def is_match_spec(spec: str) -> bool:
+    """True for a content-based token spec (`match:<regex>`)."""
+    return str(spec).strip().startswith(MATCH_PREFIX)
+
+
+@functools.lru_cache(maxsize=256)
+def match_pattern(spec: str) -> re.Pattern[str]:
+    """The compiled regex of a `match:<regex>` spec; SpecError when it does not compile.
+
+    Cached: one sweep has a handful of specs and every cell resolves one.
+    """
+    text = str(spec).strip()
+    if not text.startswith(MATCH_PREFIX):
+        raise SpecError(f"{text!r} is not a {MATCH_PREFIX}<regex> token spec")
+    regex = text[len(MATCH_PREFIX):]
+    if not regex:
+        raise SpecError(f"empty regex in {text!r}; give a pattern, e.g. "
+                        f"'{MATCH_PREFIX}(?i)\\bself\\b'")
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise SpecError(f"bad regex in token spec {text!r}: {exc}") from exc
+
+
+def token_texts_of(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The decoded text of each token of `ids`, one string per id (what `match:` sees).
+
+    Each token is decoded alone (`tokenizer.decode([id])`), so a word-start marker reads
+    as a leading space (`" self"`) and special tokens keep their own text (`"<s>"`). The
+    engine and the pre-flight both call this, so a spec selects the same positions in
+    `validate` as in the run.
+    """
+    return [str(tokenizer.decode([int(i)])) for i in ids]
+
+
+def resolve_tokens(spec: str, length: int, token_texts: Sequence[str] | None = None
+                   ) -> list[int]:
     """Positions `0..length-1` selected by a token spec.
 
     `all`; absolute slices `"0:8"`, `"-16:"`; `first:N`, `last:N`, `mid:N` where N is a
     count or a percentage of `length`. `mid` is centred. Slices outside the prompt are
     clipped (a short prompt simply has fewer positions), never an error.
+    `match:<regex>` selects the positions whose decoded token text (`token_texts`, one per
+    position, see `token_texts_of`) the regex finds (`re.search`); it may select none.
     """
     text = str(spec).strip()
+    if text.startswith(MATCH_PREFIX):
+        pattern = match_pattern(text)
+        if token_texts is None:
+            raise ValueError(f"token spec {text!r} selects by token text, but no token texts "
+                             "were given: pass token_texts (one decoded string per prefill "
+                             "position, see selectors.token_texts_of)")
+        if len(token_texts) != max(length, 0):
+            raise ValueError(f"token spec {text!r}: {len(token_texts)} token texts for "
+                             f"{length} positions; give one text per prefill position")
+        return [p for p, tok in enumerate(token_texts) if pattern.search(tok)]
     if length <= 0:
         return []
     if text == "all":
@@ -119,11 +175,15 @@ def resolve_tokens(spec: str, length: int) -> list[int]:
                             "last:N, mid:N (N a count or a percentage)") from exc
         return list(range(length))[slice(lo, hi)]
     raise SpecError(f"unknown token spec {text!r}; use all, 'a:b', first:N, last:N, mid:N "
-                    "(N a count or a percentage)")
+                    f"(N a count or a percentage) or {MATCH_PREFIX}<regex>")
 
 
 def validate_token_spec(spec: str) -> None:
-    """Raise SpecError if a token spec is malformed (checked without a prompt)."""
+    """Raise SpecError if a token spec is malformed (checked without a prompt); a
+    `match:` spec's regex must compile."""
+    if is_match_spec(spec):
+        match_pattern(str(spec).strip())
+        return
     resolve_tokens(spec, 64)
 
 

@@ -9,11 +9,14 @@ them; what leaves it is a `Generation` (`engine/types.py`), which holds none.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rloop_ray.engine.types import Intervention
+
+if TYPE_CHECKING:
+    from rloop_ray.engine.generation_patch import StepPatch
 
 
 @dataclass
@@ -57,6 +60,9 @@ class PatchedState:
     prompt_ids: list[int] = field(default_factory=list)  # the target's ids, unpatched
     text: str = ""  # the target's text
     intervention: Intervention | None = None  # None: the unpatched (natural) state
+    step_patch: StepPatch | None = None
+    """What acts at every decode forward (`during: generation|both`, or a steer vector
+    added while generating); None: generation runs unpatched."""
 
     @property
     def cache_lengths(self) -> list[int]:
