@@ -10,6 +10,7 @@ them as one batch. Expansion is deterministic and needs no torch and no weights;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -23,15 +24,18 @@ from typing import Any
 from rloop_ray.engine.selectors import (
     SpecError,
     aligned_source_position,
+    is_match_spec,
     resolve_layer,
     resolve_layers,
     resolve_tokens,
+    token_texts_of,
 )
 from rloop_ray.engine.types import (
     CellRequest,
     GenerationConfig,
     Intervention,
     MeasureConfig,
+    SteerSource,
 )
 from rloop_ray.prompts import (
     Prompt,
@@ -45,13 +49,31 @@ from rloop_ray.prompts import (
 from rloop_ray.spec import (
     InterventionAxes,
     Issue,
+    LayerExpander,
     ModelSpec,
     SpecValidationError,
     SweepSpec,
+    combination_problem,
     format_loc,
     load_spec,
 )
-from rloop_ray.vocab import CACHE_SITES, CONTROL_ORDER, NATURAL, NONE, SHUFFLE, classic_condition
+from rloop_ray.vocab import (
+    CONTROL_ORDER,
+    COORDINATE_COLUMNS,
+    GENERATION,
+    NATURAL,
+    NONE,
+    PATCH,
+    PREFILL,
+    SELF,
+    SHUFFLE,
+    STEER,
+    STEER_CONTROLS,
+    TRANSPLANT,
+    classic_condition,
+    is_steer_source,
+    steer_source_id,
+)
 
 __all__ = [
     "NONE",
@@ -68,6 +90,7 @@ __all__ = [
     "default_prompt_lengths",
     "estimate_prompt_lengths",
     "expand",
+    "expand_layers",
     "grid_warnings",
     "group_units",
     "intervention_points",
@@ -79,12 +102,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ROW_COORDINATES = (
-    "cell_id", "model", "source_id", "target_id", "source_group", "target_group",
-    "source_level", "target_level", "pair_index", "site", "mode", "layers", "tokens",
-    "align", "alpha", "control", "seed",
-)
+ROW_COORDINATES = tuple(c for c in COORDINATE_COLUMNS if c != "unit_id")
 """Grid coordinates of a result row (docs/architecture.md), minus `unit_id`."""
+
+LATER_CELL_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "during": (PREFILL, NONE),
+    "steer_source_prompts": (None,),
+    "steer_target_prompts": (None,),
+    "attention": (False,),
+    "measure_layers": (None,),
+    "kl_from_natural": (True,),
+    "top_logprobs": (5,),
+    "token_logprobs": (False,),
+}
+"""Cell fields added after results were first stored, and the values at which they are
+left out of the cell id: a cell that does not use them keeps the id it had before they
+existed (a changed id would orphan every stored row: resume would rerun everything)."""
+
+PromptRef = tuple[str, str]
+"""(prompt id, sha256 text hash) of one prompt of a steering group."""
 
 
 def _short_hash(payload: str) -> str:
@@ -141,10 +177,27 @@ class Cell:
     centering: bool
     trajectory: bool
     scorers: tuple[str, ...]
+    # fields added later (LATER_CELL_DEFAULTS: left out of the id at their defaults)
+    during: str = PREFILL  # NONE for natural cells
+    steer_source_prompts: tuple[PromptRef, ...] | None = None  # mode steer: the source group
+    steer_target_prompts: tuple[PromptRef, ...] | None = None  # ... and the target group
+    attention: bool = False
+    measure_layers: str | tuple[str, ...] | None = None  # measure.layers
+    kl_from_natural: bool = True
+    top_logprobs: int = 5
+    token_logprobs: bool = False
     cell_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scorers", tuple(self.scorers))
+        if self.control == NATURAL:
+            object.__setattr__(self, "during", NONE)  # like the other point coordinates
+        for name in ("steer_source_prompts", "steer_target_prompts"):
+            refs = getattr(self, name)
+            if refs is not None:  # JSON gives lists of lists
+                object.__setattr__(self, name, tuple((str(i), str(h)) for i, h in refs))
+        if isinstance(self.measure_layers, list):
+            object.__setattr__(self, "measure_layers", tuple(self.measure_layers))
         expected = _short_hash(self.canonical_json())
         if self.cell_id and self.cell_id != expected:
             raise ValueError(f"cell_id {self.cell_id!r} does not match the cell's content "
@@ -152,10 +205,25 @@ class Cell:
         object.__setattr__(self, "cell_id", expected)
 
     def identity(self) -> dict[str, Any]:
-        """Every field but `cell_id`: what the id hashes."""
-        out = asdict(self)
+        """What the id hashes: every field but `cell_id`, the later fields only where
+        they differ from their defaults (`LATER_CELL_DEFAULTS`)."""
+        out = self._plain()
         out.pop("cell_id")
+        for name, defaults in LATER_CELL_DEFAULTS.items():
+            value = out[name]
+            if any(value == d and type(value) is type(d) for d in defaults):
+                del out[name]
+        return out
+
+    def _plain(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (tuples as lists)."""
+        out = asdict(self)
         out["scorers"] = list(self.scorers)
+        for name in ("steer_source_prompts", "steer_target_prompts"):
+            if out[name] is not None:
+                out[name] = [list(ref) for ref in out[name]]
+        if isinstance(out["measure_layers"], tuple):
+            out["measure_layers"] = list(out["measure_layers"])
         return out
 
     def canonical_json(self) -> str:
@@ -163,9 +231,8 @@ class Cell:
                           ensure_ascii=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = self.identity()
-        out["cell_id"] = self.cell_id
-        return out
+        """Every field, `cell_id` included; `from_dict` rebuilds the same cell."""
+        return self._plain()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cell:
@@ -186,6 +253,15 @@ class Cell:
     def condition(self) -> str | None:
         """A/B/C/D of the classic design, or None."""
         return classic_condition(self.control, self.target_group, self.source_group)
+
+    @property
+    def is_steer(self) -> bool:
+        return self.mode == STEER
+
+    def steer_prompt_ids(self) -> tuple[str, ...]:
+        """Ids of the prompts a steer cell's vector is computed from (both groups)."""
+        refs = (self.steer_source_prompts or ()) + (self.steer_target_prompts or ())
+        return tuple(dict.fromkeys(pid for pid, _ in refs))
 
     @property
     def generation_seed(self) -> int:
@@ -210,7 +286,7 @@ class Cell:
         return Intervention(
             site=self.site, layers=self.layers, tokens=self.tokens, align=self.align,
             alpha=float(self.alpha if self.alpha is not None else 1.0), mode=self.mode,
-            control=self.control, control_seed=self.control_seed,
+            control=self.control, control_seed=self.control_seed, during=self.during,
         )
 
     def generation_config(self) -> GenerationConfig:
@@ -223,6 +299,9 @@ class Cell:
         return MeasureConfig(
             early_layer=self.early_layer, late_layer=self.late_layer, window=self.window,
             centering=self.centering, trajectory=self.trajectory, scorers=self.scorers,
+            attention=self.attention, layers=self.measure_layers,
+            kl_from_natural=self.kl_from_natural, top_logprobs=self.top_logprobs,
+            token_logprobs=self.token_logprobs,
         )
 
     def to_request(self, prompt_texts: Mapping[str, str]) -> CellRequest:
@@ -233,12 +312,20 @@ class Cell:
         """
         target = self._text(prompt_texts, self.target_id, self.target_text_hash)
         source = None
-        if self.source_id is not None and self.source_text_hash is not None:
+        steer = None
+        if self.is_steer:
+            steer = SteerSource(
+                source_group=str(self.source_group), target_group=self.target_group,
+                source_texts=tuple(self._text(prompt_texts, pid, h)
+                                   for pid, h in self.steer_source_prompts or ()),
+                target_texts=tuple(self._text(prompt_texts, pid, h)
+                                   for pid, h in self.steer_target_prompts or ()))
+        elif self.source_id is not None and self.source_text_hash is not None:
             source = self._text(prompt_texts, self.source_id, self.source_text_hash)
         return CellRequest(
             cell_id=self.cell_id, target_text=target, source_text=source,
             intervention=self.intervention(), generation=self.generation_config(),
-            measure=self.measure_config(),
+            measure=self.measure_config(), steer=steer,
         )
 
     def _text(self, texts: Mapping[str, str], prompt_id: str, expected: str) -> str:
@@ -274,8 +361,13 @@ class WorkUnit:
 
     @property
     def prompt_ids(self) -> tuple[str, ...]:
-        return (self.target_id,) if self.source_id in (None, self.target_id) else (
-            self.target_id, self.source_id)
+        """Every prompt the unit's cells encode: target, source, steering groups."""
+        ids = [self.target_id]
+        if self.source_id is not None and not is_steer_source(self.source_id):
+            ids.append(self.source_id)
+        for c in self.cells:
+            ids += c.steer_prompt_ids()
+        return tuple(dict.fromkeys(ids))
 
     def requests(self, prompt_texts: Mapping[str, str]) -> list[CellRequest]:
         """Engine requests of every cell, in cell order."""
@@ -304,7 +396,8 @@ def group_units(cells: Iterable[Cell]) -> list[WorkUnit]:
 
 @dataclass(frozen=True)
 class Point:
-    """One point of the intervention axes (site x mode x layers x tokens x align x alpha)."""
+    """One point of the intervention axes (site x mode x layers x tokens x align x alpha x
+    during); `layers` is always a concrete layer spec (expanders are expanded)."""
 
     site: str
     mode: str
@@ -312,32 +405,73 @@ class Point:
     tokens: str
     align: str
     alpha: float
+    during: str = PREFILL
 
 
-def intervention_points(axes: InterventionAxes | None) -> list[Point]:
-    """The product of the axes, in axis order, deduplicated.
+def expand_layers(axes: InterventionAxes | None, n_layers: int | None = None
+                  ) -> list[tuple[str, ...]]:
+    """The concrete layer specs of every `layers` entry, in order (one per plain spec).
 
-    `transplant` replaces the chosen layers' whole cache, so tokens, align and alpha do
-    not apply: they are canonicalised to `all`, `start`, 1.0. It exists for cache sites
-    only; other sites get `mix` points alone.
+    `n_layers` is the model's depth; entries whose points depend on it (`{each: "50%:"}`)
+    need it, the others expand without (SpecError otherwise, see `LayerExpander.expand`).
     """
     if axes is None:
         return []
+    out: list[tuple[str, ...]] = []
+    for entry in axes.layers:
+        if isinstance(entry, LayerExpander):
+            out.append(tuple(entry.expand(n_layers if entry.needs_depth() else None)))
+        else:
+            out.append((entry,))
+    return out
+
+
+def intervention_points(axes: InterventionAxes | None, n_layers: int | None = None
+                        ) -> list[Point]:
+    """The product of the axes, in axis order, deduplicated.
+
+    Combinations that cannot run (`spec.combination_problem`: a transplant of a
+    non-cache site, a steer at a site without a vector, a generation-time patch of a
+    site or mode without one) are left out. `transplant` replaces the chosen layers'
+    whole cache, so tokens, align and alpha do not apply: they are canonicalised to `all`,
+    `start`, 1.0. A `mix` during `generation` only patches every generated position (step t
+    with the source's step t), so tokens and align are `all`, `start` too. `steer` adds a
+    vector at the selected target positions, so `align` does not apply (`none`); its
+    tokens also select what each group prompt's mean is taken over, so they stay. Layer
+    expanders give one point per concrete layer spec (`expand_layers`; `n_layers` for
+    those that depend on depth).
+    """
+    if axes is None:
+        return []
+    layer_specs = list(dict.fromkeys(x for entry in expand_layers(axes, n_layers) for x in entry))
     out: list[Point] = []
+    seen: set[Point] = set()
     for site in axes.site:
         for mode in axes.mode:
-            if mode == "transplant" and site not in CACHE_SITES:
-                continue
-            for layers in axes.layers:
+            for layers in layer_specs:
                 for tokens in axes.tokens:
                     for align in axes.align:
                         for alpha in axes.alpha:
-                            if mode == "transplant":
-                                p = Point(site, mode, layers, "all", "start", 1.0)
-                            else:
-                                p = Point(site, mode, layers, tokens, align, float(alpha))
-                            if p not in out:
-                                out.append(p)
+                            for during in axes.during:
+                                if combination_problem(site, mode, during) is not None:
+                                    continue
+                                if mode == TRANSPLANT:
+                                    p = Point(site, mode, layers, "all", "start", 1.0, during)
+                                elif mode != STEER and during == GENERATION:
+                                    # a generation-time mix patches every generated
+                                    # position, step t with the source's step t: tokens
+                                    # and align (prefill positions) do not apply
+                                    p = Point(site, mode, layers, "all", "start", float(alpha),
+                                              during)
+                                elif mode == STEER:
+                                    p = Point(site, mode, layers, tokens, NONE, float(alpha),
+                                              during)
+                                else:
+                                    p = Point(site, mode, layers, tokens, align, float(alpha),
+                                              during)
+                                if p not in seen:
+                                    seen.add(p)
+                                    out.append(p)
     return out
 
 
@@ -436,19 +570,47 @@ def _select(spec: SweepSpec, bank: PromptBank) -> _Selection:
     return _Selection(tuple(targets), tuple(pairs), pools)
 
 
+@dataclass(frozen=True)
+class _SteerGroups:
+    """The two groups a steer cell's vector is the difference of means of."""
+
+    source_group: str
+    source: tuple[PromptRef, ...]
+    target: tuple[PromptRef, ...]
+
+    @property
+    def source_hash(self) -> str:
+        """Stands in for a source text hash: changes when any prompt of the group does."""
+        return _short_hash(json.dumps([list(r) for r in self.source], separators=(",", ":")))
+
+
+def _refs(prompts: Iterable[Prompt]) -> tuple[PromptRef, ...]:
+    """(id, text hash) of prompts, sorted by id: the order the engine gets their texts."""
+    return tuple(sorted((p.id, p.text_hash) for p in prompts))
+
+
 def _cell(
     spec: SweepSpec, model: ModelSpec, target: Prompt, source: Prompt | None,
     pair_index: int | None, control: str, point: Point | None, seed: int,
+    steer: _SteerGroups | None = None,
 ) -> Cell:
     g, m = spec.generation, spec.measure
+    if steer is not None:
+        source_id: str | None = steer_source_id(steer.source_group)
+        source_group, source_level = steer.source_group, None
+        source_hash: str | None = steer.source_hash
+    else:
+        source_id = source.id if source else None
+        source_group = source.group if source else None
+        source_level = source.level if source else None
+        source_hash = source.text_hash if source else None
     return Cell(
         model=model.id, model_name_or_path=model.name_or_path, revision=model.revision,
         dtype=model.dtype, chat_template=model.chat_template,
         target_id=target.id, target_group=target.group, target_level=target.level,
         target_text_hash=target.text_hash,
-        source_id=source.id if source else None, source_group=source.group if source else None,
-        source_level=source.level if source else None,
-        source_text_hash=source.text_hash if source else None,
+        source_id=source_id, source_group=source_group, source_level=source_level,
+        source_text_hash=source_hash,
         pair_index=pair_index, control=control,
         site=point.site if point else NONE, mode=point.mode if point else NONE,
         layers=point.layers if point else NONE, tokens=point.tokens if point else NONE,
@@ -457,6 +619,13 @@ def _cell(
         stop_at_eos=g.stop_at_eos, early_layer=m.early_layer, late_layer=m.late_layer,
         window=m.window, centering=m.centering, trajectory=m.trajectory,
         scorers=tuple(m.scorers),
+        during=point.during if point else NONE,
+        steer_source_prompts=steer.source if steer else None,
+        steer_target_prompts=steer.target if steer else None,
+        attention=m.attention,
+        measure_layers=tuple(m.layers) if isinstance(m.layers, list) else m.layers,
+        kl_from_natural=m.kl_from_natural, top_logprobs=m.top_logprobs,
+        token_logprobs=m.token_logprobs,
     )
 
 
@@ -467,12 +636,18 @@ def _model_cells(
     conds = set(spec.prompts.conditions or ())
     natural = "natural" in controls or bool(conds & {"A", "B"})
     seeds = range(spec.generation.n_samples)
+    regular = [pt for pt in points if pt.mode != STEER]
+    steer = [pt for pt in points if pt.mode == STEER]
+    # steer points have their own controls (STEER_CONTROLS): self and random; shuffle and
+    # other are skipped for them (grid_warnings says so)
+    steer_controls = [PATCH] + [c for c in STEER_CONTROLS
+                                if c in controls and c not in (NATURAL, SELF)]
     out: list[Cell] = []
     for target in sel.targets:
         if natural:
             out += [_cell(spec, model, target, None, None, "natural", None, s) for s in seeds]
         my_pairs = [pr for pr in sel.pairs if pr.target.id == target.id]
-        for pr in my_pairs:
+        for pr in my_pairs if regular else []:
             for control in CONTROL_ORDER[:-1]:
                 if control != "patch" and control not in controls:
                     continue
@@ -483,10 +658,22 @@ def _model_cells(
                                      lambda t=target, pl=pool, r=pr.rank: pick_other(
                                          t, pl, seed=spec.prompts.seed, index=r))
                 out += [_cell(spec, model, target, source, pr.index, control, pt, s)
-                        for pt in points for s in seeds]
+                        for pt in regular for s in seeds]
+        own = _refs(sel.pools.get(target.group, ()))
+        if my_pairs and steer:
+            # one cell per (target, source group), never per source prompt: the vector is
+            # the difference of the two groups' means (SteerSource)
+            for group in spec.prompts.source_groups_for(target.group):
+                groups = _SteerGroups(group, _refs(sel.pools.get(group, ())), own)
+                out += [_cell(spec, model, target, None, None, control, pt, s, groups)
+                        for control in steer_controls for pt in steer for s in seeds]
         if my_pairs and "self" in controls:
             out += [_cell(spec, model, target, target, None, "self", pt, s)
-                    for pt in points for s in seeds]
+                    for pt in regular for s in seeds]
+            if steer:  # the target group minus itself: the zero vector
+                groups = _SteerGroups(target.group, own, own)
+                out += [_cell(spec, model, target, None, None, SELF, pt, s, groups)
+                        for pt in steer for s in seeds]
     return out
 
 
@@ -498,8 +685,11 @@ class Grid:
     models: tuple[ModelSpec, ...]
     cells: tuple[Cell, ...]
     units: tuple[WorkUnit, ...]
-    prompts: Mapping[str, Prompt]  # every prompt a cell refers to, by id
+    prompts: Mapping[str, Prompt]  # every prompt a cell refers to (steer groups too), by id
     bank_root: str | None = None
+    layer_points: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    """model id -> the concrete layer specs of each `interventions.layers` entry (a
+    plain spec is itself; an expander its points on that model)."""
 
     def prompt_texts(self) -> dict[str, str]:
         """Prompt id -> text, for `Cell.to_request` / `WorkUnit.requests`."""
@@ -517,30 +707,88 @@ class Grid:
                 for m in self.models}
 
 
+DepthFn = Callable[[ModelSpec], int]
+
+
+def default_depth(model: ModelSpec) -> int:
+    """A model's number of layers from its config (no weights): `default_model_info`."""
+    return int(default_model_info(model).n_layers)
+
+
+def _model_layer_points(spec: SweepSpec, model: ModelSpec, depth_fn: DepthFn,
+                        depths: dict[str, int]) -> tuple[tuple[str, ...], ...]:
+    """The concrete layer specs of each layers entry on `model` (its depth read only when
+    an expander needs it); errors point at the entry."""
+    axes = spec.interventions
+    if axes is None:
+        return ()
+    n_layers: int | None = None
+    needing = [(k, e) for k, e in axes.expanders if e.needs_depth()]
+    if needing:
+        k, entry = needing[0]
+        if model.name_or_path not in depths:
+            try:
+                depths[model.name_or_path] = int(depth_fn(model))
+            except Exception as exc:  # noqa: BLE001  (any config failure becomes a message)
+                raise spec.error(("interventions", "layers", k), (
+                    f"{entry.label()} resolves against the depth of model {model.id!r}, whose "
+                    f"config cannot be read ({type(exc).__name__}: {exc}); absolute layers "
+                    "(e.g. {each: '10:21'}) expand without a config")) from None
+        n_layers = depths[model.name_or_path]
+    out: list[tuple[str, ...]] = []
+    for k, entry in enumerate(axes.layers):
+        if not isinstance(entry, LayerExpander):
+            out.append((entry,))
+            continue
+        try:
+            out.append(tuple(entry.expand(n_layers if entry.needs_depth() else None)))
+        except SpecError as exc:
+            raise spec.error(("interventions", "layers", k), f"{exc}, on model {model.id!r}",
+                             allowed=["fractions of depth like {each: '50%:100%'}",
+                                      "ranges within every model"]) from None
+    return tuple(out)
+
+
 def build_grid(
     spec: SweepSpec,
     *,
     models_override: Sequence[str | ModelSpec] | None = None,
     bank: PromptBank | None = None,
+    depth_fn: DepthFn | None = None,
 ) -> Grid:
-    """Expand `spec` (prompt bank loaded from `prompts.bank` unless given) into a `Grid`."""
+    """Expand `spec` (prompt bank loaded from `prompts.bank` unless given) into a `Grid`.
+
+    Layer expanders that depend on depth (`{each: "50%:100%"}`) expand per model, with
+    the depth from `depth_fn(model)` (default: the model's config, `default_depth`); no
+    config is read when no entry needs one.
+    """
     models = resolve_models(spec, models_override)
     bank = bank if bank is not None else load_bank(spec)
     sel = _select(spec, bank)
-    points = intervention_points(spec.interventions)
+    depth_fn = depth_fn or default_depth
+    depths: dict[str, int] = {}
     cells: list[Cell] = []
     seen: set[str] = set()
+    layer_points: dict[str, tuple[tuple[str, ...], ...]] = {}
     for model in models:
+        entries = _model_layer_points(spec, model, depth_fn, depths)
+        layer_points[model.id] = entries
+        n_layers = depths.get(model.name_or_path)
+        points = intervention_points(spec.interventions, n_layers)
         for c in _model_cells(spec, model, sel, points):
             if c.cell_id not in seen:
                 seen.add(c.cell_id)
                 cells.append(c)
-    used = {c.target_id for c in cells} | {c.source_id for c in cells if c.source_id}
+    used = {c.target_id for c in cells} | {
+        c.source_id for c in cells if c.source_id and not is_steer_source(c.source_id)}
+    for c in cells:
+        used.update(c.steer_prompt_ids())
     prompts = {pid: bank.get(pid) for pid in sorted(used)}
     units = group_units(cells)
     logger.debug("expanded %s: %d cells, %d units, %d models", spec.name, len(cells),
                  len(units), len(models))
-    return Grid(spec, tuple(models), tuple(cells), tuple(units), prompts, bank.root)
+    return Grid(spec, tuple(models), tuple(cells), tuple(units), prompts, bank.root,
+                layer_points)
 
 
 def expand(
@@ -548,9 +796,11 @@ def expand(
     *,
     models_override: Sequence[str | ModelSpec] | None = None,
     bank: PromptBank | None = None,
+    depth_fn: DepthFn | None = None,
 ) -> list[Cell]:
     """The cells of `spec`, in deterministic order (see `build_grid`)."""
-    return list(build_grid(spec, models_override=models_override, bank=bank).cells)
+    return list(build_grid(spec, models_override=models_override, bank=bank,
+                           depth_fn=depth_fn).cells)
 
 
 def load_grid(
@@ -566,9 +816,31 @@ def grid_warnings(grid: Grid) -> list[str]:
     axes = spec.interventions
     if axes is not None:
         odd = [a for a in axes.alpha if not 0.0 <= a <= 1.0]
-        if odd:
+        if odd and set(axes.mode) - {STEER}:  # a steer's alpha scales a vector: any value
             out.append(f"interventions.alpha {odd} outside [0, 1]: extrapolation (rows are "
                        "flagged alpha_extrapolated)")
+        skipped = axes.skipped_combinations()
+        if skipped:
+            by_why: dict[str, list[str]] = {}
+            for site, mode, during, why in skipped:
+                by_why.setdefault(why, []).append(f"{site}/{mode}/{during}")
+            shown = "; ".join(f"{', '.join(c)} ({why})" for why, c in by_why.items())
+            out.append(f"interventions: {len(skipped)} site/mode/during combination(s) of the "
+                       f"product have no cells: {shown}")
+        if STEER in axes.mode:
+            dropped = [c for c in spec.steer_skipped_controls() if c != NATURAL]
+            if dropped:
+                out.append(f"controls {', '.join(dropped)} do not apply to steer points and are "
+                           f"skipped for them (steer controls: natural; self = the zero vector; "
+                           f"random = a random direction of the vector's norm per layer)")
+            if len(axes.align) > 1:
+                out.append("mode 'steer' adds its vector at the selected target positions: "
+                           "its cells ignore the align axis (recorded as 'none')")
+        if GENERATION in axes.during and set(axes.mode) - {STEER, TRANSPLANT} and (
+                len(axes.tokens) > 1 or len(axes.align) > 1):
+            out.append("during 'generation' patches every generated position: its mix cells "
+                       "ignore the tokens and align axes (recorded as 'all', 'start'); 'both' "
+                       "uses them for its prefill half")
         if "transplant" in axes.mode and (len(axes.tokens) > 1 or len(axes.alpha) > 1
                                           or len(axes.align) > 1):
             out.append("mode 'transplant' replaces the whole cache of the chosen layers: its "
@@ -607,6 +879,10 @@ class PromptLengths:
     exact: bool
     how: str
     """`tokenizer of X, chat template` or `estimated (why)`, for messages."""
+    token_texts: Mapping[str, tuple[str, ...]] | None = None
+    """prompt id -> the decoded text of each prefill token (`n_tokens - 1` of them, as
+    `selectors.token_texts_of` gives them), for `match:` token specs; None when the
+    tokenizer was not at hand or no spec needs them."""
 
 
 PromptLengthsFn = Callable[[ModelSpec, Mapping[str, Prompt]], PromptLengths]
@@ -626,9 +902,11 @@ def estimate_prompt_lengths(
     return PromptLengths(low, high, False, f"estimated: {why}")
 
 
-def default_prompt_lengths(model: ModelSpec, prompts: Mapping[str, Prompt]) -> PromptLengths:
+def default_prompt_lengths(model: ModelSpec, prompts: Mapping[str, Prompt], *,
+                           token_texts: bool = False) -> PromptLengths:
     """Exact counts with the model's tokenizer when it is cheap to load (builtins, local
     folders, the local HF cache; never a download), else `estimate_prompt_lengths`.
+    `token_texts` also decodes every prefill token (for `match:` specs).
 
     Raises `engine.models.NoChatTemplateError` when the grid asks for a chat template
     the tokenizer lacks.
@@ -645,8 +923,11 @@ def default_prompt_lengths(model: ModelSpec, prompts: Mapping[str, Prompt]) -> P
     except TokenizerUnavailableError as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return estimate_prompt_lengths(model, prompts, f"no tokenizer at hand ({why})")
-    counts = {pid: tok.count(p.text) for pid, p in prompts.items()}
-    return PromptLengths(counts, counts, True, tok.source)
+    ids = {pid: tok.encode(p.text) for pid, p in prompts.items()}
+    counts = {pid: len(v) for pid, v in ids.items()}
+    texts = ({pid: tuple(token_texts_of(tok.tokenizer, v[:-1])) for pid, v in ids.items()}
+             if token_texts else None)
+    return PromptLengths(counts, counts, True, tok.source, texts)
 
 
 @dataclass(frozen=True)
@@ -659,7 +940,7 @@ class ModelReport:
     max_position_embeddings: int | None
     n_cells: int
     n_units: int
-    layers: dict[str, list[int]]  # layer spec -> resolved indices
+    layers: dict[str, list[int]]  # plain layer spec -> resolved indices
     early_layer: int
     late_layer: int
     tokens: dict[str, str]  # token spec -> what it selects on this model's prompts
@@ -669,6 +950,10 @@ class ModelReport:
     lengths: PromptLengths | None = None
     info: Any = field(default=None, compare=False, repr=False)
     """The `model_info` object the checks used (the memory estimate reads it)."""
+    layer_points: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)
+    """Layer expander (its label) -> its points on this model: (spec, resolved indices)."""
+    profile_layers: list[int] | None = None
+    """`measure.layers` resolved on this model (None when not asked)."""
 
     @property
     def longest_prompt(self) -> tuple[str, int] | None:
@@ -702,9 +987,18 @@ def _model_loc(spec: SweepSpec, model: ModelSpec) -> tuple[str | int, ...] | Non
 
 
 def _model_prompts(grid: Grid, model: ModelSpec) -> dict[str, Prompt]:
+    """Every prompt the model encodes: targets, sources and the steering groups."""
     cells = grid.cells_for(model.id)
-    ids = {c.target_id for c in cells} | {c.source_id for c in cells if c.source_id}
+    ids = {c.target_id for c in cells} | {
+        c.source_id for c in cells if c.source_id and not is_steer_source(c.source_id)}
+    for c in cells:
+        ids.update(c.steer_prompt_ids())
     return {pid: grid.prompts[pid] for pid in sorted(ids)}
+
+
+def _grid_has_match_specs(grid: Grid) -> bool:
+    axes = grid.spec.interventions
+    return axes is not None and any(is_match_spec(t) for t in axes.tokens)
 
 
 def check_models(
@@ -726,7 +1020,9 @@ def check_models(
     """
     spec = grid.spec
     info_fn = info_fn or default_model_info
-    lengths_fn = lengths_fn or default_prompt_lengths
+    if lengths_fn is None:
+        lengths_fn = (functools.partial(default_prompt_lengths, token_texts=True)
+                      if _grid_has_match_specs(grid) else default_prompt_lengths)
     issues: list[Issue] = []
     reports: list[ModelReport] = []
 
@@ -751,14 +1047,8 @@ def check_models(
         max_pos = getattr(info, "max_position_embeddings", None)
         warnings: list[str] = []
         notes: list[str] = [n for n in (getattr(info, "note", None),) if isinstance(n, str)]
-        layer_map: dict[str, list[int]] = {}
-        axes = spec.interventions
-        for k, lspec in enumerate(axes.layers if axes is not None else []):
-            try:
-                layer_map[lspec] = resolve_layers(lspec, n_layers)
-            except SpecError as exc:
-                issue(("interventions", "layers", k), f"{exc}, on model {model.id!r}",
-                      allowed=[f"layers 0..{n_layers - 1}", "fractions of depth like '50%:100%'"])
+        layer_map, layer_points = _check_layers(grid, model, n_layers, issue)
+        profile = _check_profile_layers(spec, model, n_layers, issue)
         points: dict[str, int] = {}
         for name in ("early_layer", "late_layer"):
             value = getattr(spec.measure, name)
@@ -790,7 +1080,7 @@ def check_models(
             n_units=len(grid.units_for(model.id)), layers=layer_map,
             early_layer=points.get("early_layer", -1), late_layer=points.get("late_layer", -1),
             tokens=token_map, warnings=tuple(warnings), notes=tuple(notes), lengths=lengths,
-            info=info,
+            info=info, layer_points=layer_points, profile_layers=profile,
         ))
     if issues:
         raise SpecValidationError(file=spec.source, issues=issues)
@@ -798,6 +1088,63 @@ def check_models(
 
 
 IssueFn = Callable[..., None]
+
+
+def _check_layers(grid: Grid, model: ModelSpec, n_layers: int, issue: IssueFn
+                  ) -> tuple[dict[str, list[int]], dict[str, list[tuple[str, list[int]]]]]:
+    """Every layer entry (and every point of an expander) against the model's depth:
+    (plain spec -> indices, expander label -> [(point, indices)])."""
+    axes = grid.spec.interventions
+    layer_map: dict[str, list[int]] = {}
+    layer_points: dict[str, list[tuple[str, list[int]]]] = {}
+    if axes is None:
+        return layer_map, layer_points
+    allowed = [f"layers 0..{n_layers - 1}", "fractions of depth like '50%:100%'"]
+    entries = grid.layer_points.get(model.id)
+    for k, entry in enumerate(axes.layers):
+        if not isinstance(entry, LayerExpander):
+            try:
+                layer_map[entry] = resolve_layers(entry, n_layers)
+            except SpecError as exc:
+                issue(("interventions", "layers", k), f"{exc}, on model {model.id!r}",
+                      allowed=allowed)
+            continue
+        try:
+            specs = entries[k] if entries else tuple(
+                entry.expand(n_layers if entry.needs_depth() else None))
+        except SpecError as exc:
+            issue(("interventions", "layers", k), f"{exc}, on model {model.id!r}",
+                  allowed=allowed)
+            continue
+        resolved: list[tuple[str, list[int]]] = []
+        for point in specs:
+            try:
+                resolved.append((point, resolve_layers(point, n_layers)))
+            except SpecError as exc:
+                issue(("interventions", "layers", k), f"{entry.label()}: point {point!r}: "
+                      f"{exc}, on model {model.id!r}", allowed=allowed)
+                break
+        layer_points[entry.label()] = resolved
+    return layer_map, layer_points
+
+
+def _check_profile_layers(spec: SweepSpec, model: ModelSpec, n_layers: int, issue: IssueFn
+                          ) -> list[int] | None:
+    """`measure.layers` on the model: "all", or each listed layer within its depth."""
+    asked = spec.measure.layers
+    if asked is None:
+        return None
+    if asked == "all":
+        return list(range(n_layers))
+    out: list[int] = []
+    for i, point in enumerate(asked):
+        try:
+            out.append(resolve_layer(point, n_layers))
+        except SpecError as exc:
+            issue(("measure", "layers", i), f"{exc}, on model {model.id!r}",
+                  allowed=[f"layers 0..{n_layers - 1}", "a fraction of depth like '84%'",
+                           "all"])
+    return sorted(set(out))
 
 
 def _check_context(
@@ -832,12 +1179,56 @@ def _check_context(
         issue(("prompts", "bank"), msg, allowed=[f"prompts shorter than {max_pos} tokens"])
 
 
-def _patchable(tspec: str, align: str, target_len: int, source_len: int) -> tuple[int, int]:
-    """(positions the spec selects on the target prefill, of those with a source position)."""
-    selected = resolve_tokens(tspec, target_len)
+def _patchable(tspec: str, align: str, target_len: int, source_len: int | None,
+               texts: Sequence[str] | None = None) -> tuple[int, int]:
+    """(positions the spec selects on the target prefill, of those with a source position).
+
+    `source_len` None (a steer cell: the vector is added, nothing is aligned) counts every
+    selected position as patched.
+    """
+    selected = resolve_tokens(tspec, target_len, texts)
+    if source_len is None:
+        return len(selected), len(selected)
     matched = sum(1 for p in selected
                   if aligned_source_position(p, target_len, source_len, align) is not None)
     return len(selected), matched
+
+
+_TokenCombo = tuple[str, str | None, str]
+"""(target id, source prompt id or None for a steer cell, align) of a cell."""
+
+
+def _token_combos(grid: Grid, model: ModelSpec) -> dict[str, set[_TokenCombo]]:
+    """Token spec -> the (target, source, align) its cells patch on the target prefill.
+
+    Transplants (whole layers) and generation-only patches (every generated position)
+    select no prefill position, so they are left out; a steer's groups are checked apart
+    (`_steer_banks`)."""
+    combos: dict[str, set[_TokenCombo]] = {}
+    for c in grid.cells_for(model.id):
+        if c.control == NATURAL or c.mode == TRANSPLANT or c.during == GENERATION:
+            continue
+        source = None if c.is_steer else (c.source_id or c.target_id)
+        combos.setdefault(c.tokens, set()).add((c.target_id, source, c.align))
+    return combos
+
+
+def _steer_banks(grid: Grid, model: ModelSpec) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Token spec -> steering group -> the prompt ids its mean is taken over."""
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for c in grid.cells_for(model.id):
+        if not c.is_steer:
+            continue
+        groups = out.setdefault(c.tokens, {})
+        groups.setdefault(str(c.source_group), tuple(p for p, _ in c.steer_source_prompts or ()))
+        groups.setdefault(c.target_group, tuple(p for p, _ in c.steer_target_prompts or ()))
+    return out
+
+
+def _shown(items: Iterable[str], limit: int = 3) -> str:
+    items = sorted(set(items))
+    text = "; ".join(items[:limit])
+    return text + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _token_summary(
@@ -847,29 +1238,33 @@ def _token_summary(
     """Token specs against each (target, source) prefill (n_tokens - 1 positions).
 
     A spec that patches no position of a pair would run as a silent no-op "ok" cell:
-    an error with exact lengths, a warning with estimated ones. Returns spec -> what it
-    selects, for `validate`.
+    an error with exact lengths, a warning with estimated ones. A `match:` spec is
+    expected to match nothing on some targets (a baseline prompt has no self-referential
+    word): those cells fail as `EmptyTokenSelection`, which is a warning; matching no
+    target at all is an error. Steer groups are checked too: the mean of a group is taken
+    over each prompt's selection. Returns spec -> what it selects, for `validate`.
     """
     spec = grid.spec
     axes = spec.interventions
     out: dict[str, str] = {}
     if axes is None:
         return out
-    combos: dict[str, set[tuple[str, str, str]]] = {}
-    for c in grid.cells_for(model.id):
-        if c.control == NATURAL or c.mode == "transplant":
-            continue  # a transplant replaces whole layers: tokens do not apply
-        combos.setdefault(c.tokens, set()).add((c.target_id, c.source_id or c.target_id,
-                                                c.align))
-    variants = [lengths.low] if lengths.exact else [lengths.low, lengths.high]
+    combos = _token_combos(grid, model)
+    banks = _steer_banks(grid, model)
     for k, tspec in enumerate(axes.tokens):
         pairs = combos.get(tspec)
         if not pairs:
             continue
+        if is_match_spec(tspec):
+            out[tspec] = _match_summary(tspec, k, model, pairs, banks.get(tspec, {}), lengths,
+                                        issue, warnings)
+            continue
         empty: list[str] = []
-        for target, source, align in sorted(pairs):
+        variants = [lengths.low] if lengths.exact else [lengths.low, lengths.high]
+        for target, source, align in sorted(pairs, key=str):
             for lens in variants:
-                t_len, s_len = lens[target] - 1, lens[source] - 1
+                t_len = lens[target] - 1
+                s_len = None if source is None else lens[source] - 1
                 n_sel, n_match = _patchable(tspec, align, t_len, s_len)
                 if n_match:
                     continue
@@ -880,28 +1275,99 @@ def _token_summary(
                                  f"{source!r} (prefill {s_len}, align {align}): no aligned "
                                  "source position")
                 break
-        counts_lo = [len(resolve_tokens(tspec, lengths.low[t] - 1)) for t, _, _ in pairs]
-        counts_hi = [len(resolve_tokens(tspec, lengths.high[t] - 1)) for t, _, _ in pairs]
-        lo, hi = min(counts_lo + counts_hi), max(counts_lo + counts_hi)
+        counts = [len(resolve_tokens(tspec, lens[t] - 1)) for t, _, _ in pairs
+                  for lens in (lengths.low, lengths.high)]
+        lo, hi = min(counts), max(counts)
         span = f"{lo}" if lo == hi else f"{lo}..{hi}"
         n_targets = len({t for t, _, _ in pairs})
         how = lengths.how if lengths.exact else "estimated"
         out[tspec] = f"{span} positions on {n_targets} target(s) ({how})"
+        _check_steer_banks(tspec, k, banks.get(tspec, {}), lengths, None, issue, warnings)
         if not empty:
             continue
-        shown = "; ".join(sorted(set(empty))[:3])
-        extra = len(set(empty)) - 3
-        shown += f"; and {extra} more" if extra > 0 else ""
         if lengths.exact:
             issue(("interventions", "tokens", k),
                   f"token spec {tspec!r} selects no position to patch on model {model.id!r} "
-                  f"({lengths.how}): {shown}. Those cells would run as no-op patches.",
+                  f"({lengths.how}): {_shown(empty)}. Those cells would run as no-op patches.",
                   allowed=["all", "first:N, last:N, mid:N (N a count or a percentage)",
                            "slices that lie within every prompt"])
         else:
             warnings.append(f"token spec {tspec!r} may select no position to patch "
-                            f"({lengths.how}): {shown}")
+                            f"({lengths.how}): {_shown(empty)}")
     return out
+
+
+def _match_summary(
+    tspec: str, k: int, model: ModelSpec, pairs: set[_TokenCombo],
+    banks: Mapping[str, tuple[str, ...]], lengths: PromptLengths, issue: IssueFn,
+    warnings: list[str],
+) -> str:
+    """What a `match:` spec selects on the model's targets (warning when some targets
+    have nothing to patch, error when none has), and its steer groups."""
+    texts = lengths.token_texts
+    needed = {t for t, _, _ in pairs} | {s for _, s, _ in pairs if s is not None} | {
+        pid for ids in banks.values() for pid in ids}
+    if not lengths.exact or texts is None or not needed <= set(texts):
+        warnings.append(f"token spec {tspec!r} is not checked: it selects by token text and "
+                        f"the tokenizer is not at hand ({lengths.how})")
+        return f"selects by token text; not checked ({lengths.how})"
+    failing: set[str] = set()
+    counts: dict[str, int] = {}
+    for target, source, align in pairs:
+        t_texts = texts[target]
+        s_len = None if source is None else len(texts[source])
+        n_sel, n_match = _patchable(tspec, align, len(t_texts), s_len, t_texts)
+        counts[target] = n_sel
+        if not n_match:
+            failing.add(target)
+    n_targets = len(counts)
+    lo, hi = min(counts.values()), max(counts.values())
+    span = f"{lo}" if lo == hi else f"{lo}..{hi}"
+    summary = f"{span} matched positions on {n_targets} target(s) ({lengths.how})"
+    if len(failing) == n_targets:
+        issue(("interventions", "tokens", k),
+              f"token spec {tspec!r} selects no token to patch on any of the {n_targets} "
+              f"targets of model {model.id!r} ({lengths.how}): every cell would fail as "
+              f"EmptyTokenSelection. Targets: {_shown(failing)}",
+              allowed=["a regex that matches tokens of the targets, as the tokenizer splits "
+                       "them (e.g. '(?i)self' rather than a whole phrase)"])
+    elif failing:
+        msg = (f"{tspec} selects no token on {len(failing)} of {n_targets} targets: those "
+               f"cells will fail as EmptyTokenSelection ({_shown(failing)})")
+        warnings.append(msg)
+        summary += f"; none on {len(failing)} of them"
+    _check_steer_banks(tspec, k, banks, lengths, texts, issue, warnings)
+    return summary
+
+
+def _check_steer_banks(
+    tspec: str, k: int, banks: Mapping[str, tuple[str, ...]], lengths: PromptLengths,
+    texts: Mapping[str, tuple[str, ...]] | None, issue: IssueFn, warnings: list[str],
+) -> None:
+    """A steer vector is a mean over each group prompt's selected positions: a prompt with
+    none adds nothing (warning), a group with none at all has no mean (error)."""
+    for group, ids in sorted(banks.items()):
+        if not ids:
+            continue
+        empty = []
+        for pid in ids:
+            if texts is not None:
+                n = len(resolve_tokens(tspec, len(texts[pid]), texts[pid]))
+            else:
+                n = min(len(resolve_tokens(tspec, lens[pid] - 1))
+                        for lens in (lengths.low, lengths.high))
+            if n == 0:
+                empty.append(pid)
+        if not empty:
+            continue
+        if len(empty) == len(ids) and lengths.exact:
+            issue(("interventions", "tokens", k),
+                  f"token spec {tspec!r} selects no position on any of the {len(ids)} prompts "
+                  f"of steer group {group!r} ({lengths.how}): the group has no mean to steer by")
+        else:
+            warnings.append(f"steer group {group!r}: token spec {tspec!r} selects no position "
+                            f"on {len(empty)} of its {len(ids)} prompts ({_shown(empty)}); they "
+                            "add nothing to the group's mean")
 
 
 def default_devices(spec: SweepSpec) -> list[Any]:

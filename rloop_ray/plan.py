@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from rloop_ray.vocab import LATER_SPEC_DEFAULTS
+
 PLAN_SCHEMA = pa.schema([
     pa.field("cell_id", pa.string(), nullable=False),
     pa.field("unit_id", pa.string()),
@@ -170,11 +172,25 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+def _with_later_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened spec with the fields added later (`vocab.LATER_SPEC_DEFAULTS`) filled
+    in where its section exists: a spec recorded before a field existed meant its
+    default, so it is not reported as a change."""
+    out = dict(flat)
+    for key, default in LATER_SPEC_DEFAULTS.items():
+        section = key.split(".")[0] + "."
+        if any(k.startswith(section) for k in flat):
+            out.setdefault(key, default)
+    return out
+
+
 def spec_field_changes(old: Mapping[str, Any], new: Mapping[str, Any],
                        ignore: Sequence[str] = ("resources",)) -> list[str]:
     """`field: old -> new` for every leaf of the two spec dicts that differs."""
-    a = {k: v for k, v in _flatten(old).items() if k.split(".")[0] not in ignore}
-    b = {k: v for k, v in _flatten(new).items() if k.split(".")[0] not in ignore}
+    a = {k: v for k, v in _with_later_defaults(_flatten(old)).items()
+         if k.split(".")[0] not in ignore}
+    b = {k: v for k, v in _with_later_defaults(_flatten(new)).items()
+         if k.split(".")[0] not in ignore}
     lines = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
@@ -185,7 +201,12 @@ def spec_field_changes(old: Mapping[str, Any], new: Mapping[str, Any],
 
 
 def prompt_changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
-    """Prompt ids whose text changed, and ids used by only one of the two plans."""
+    """Prompt ids whose text changed, and ids used by only one of the two plans.
+
+    The prompts of a plan include every prompt of a steering group (the grid records
+    them), so an edit to a group prompt that no cell uses as target or source is named
+    too: it changes every steer vector of that group, hence those cells' ids.
+    """
     edited = sorted(p for p in set(old) & set(new) if old[p] != new[p])
     only_new = sorted(set(new) - set(old))
     only_old = sorted(set(old) - set(new))

@@ -15,7 +15,7 @@ import re
 import reprlib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,8 +25,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -41,11 +43,21 @@ from rloop_ray.vocab import (
     CLAIMS,
     CLASSIC_CONDITIONS,
     DTYPES,
+    DURING,
+    GENERATION_SITES,
     GRID_CONTROLS,
+    LATER_SPEC_DEFAULTS,
+    LAYER_EACH,
+    LAYER_WINDOWS,
     MODES,
+    PREFILL,
     RECURSIVE_GROUP,
     SCORERS,
     SITES,
+    STEER,
+    STEER_CONTROLS,
+    STEER_SITES,
+    TRANSPLANT,
 )
 
 __all__ = [
@@ -54,12 +66,14 @@ __all__ = [
     "GenerationSpec",
     "InterventionAxes",
     "Issue",
+    "LayerExpander",
     "MeasureSpec",
     "ModelSpec",
     "PromptsSpec",
     "ResourcesSpec",
     "SpecValidationError",
     "SweepSpec",
+    "combination_problem",
     "did_you_mean",
     "format_loc",
     "issues_from_validation_error",
@@ -375,6 +389,44 @@ def _unique(values: list[Any]) -> list[Any]:
 LayerSpec = Annotated[str, BeforeValidator(_canon_layers)]
 LayerPoint = Annotated[str, BeforeValidator(_canon_layer_point)]
 TokenSpec = Annotated[str, BeforeValidator(_check_token_spec)]
+
+
+def _canon_profile_layers(value: Any) -> Any:
+    """`measure.layers`: None, "all", or a list of single layers (ints or percentages),
+    canonical strings in the given order; a scalar layer stands for a 1-list."""
+    if value is None or value == "all":
+        return value
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("measure.layers is an empty list; give layers, 'all' or null")
+    out: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            text = _canon_layer_point(item)
+        except ValueError as exc:
+            raise ValueError(f"item {i}: {exc}. Use 'all', null or a list of layers like "
+                             "[4, '50%', -1]") from None
+        if text in out:
+            raise ValueError(f"duplicate layer {text!r}")
+        out.append(text)
+    return out
+
+
+def _is_depth_independent(spec: str) -> bool:
+    """True when a layer spec names the same layers on every model deep enough for it
+    (absolute, non-negative indices with closed ranges): it can be expanded without a
+    model's config. Fractions, `all`, negative indices and open ranges cannot."""
+    return resolve_layers(spec, _SYNTAX_DEPTH) == resolve_layers(spec, _SYNTAX_DEPTH + 1)
+
+
+def layer_text(indices: Sequence[int]) -> str:
+    """The canonical layer spec of a set of layers: `12`, `10:14` (contiguous), `0,4,8`."""
+    idx = sorted(indices)
+    if len(idx) == 1:
+        return str(idx[0])
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return f"{idx[0]}:{idx[-1] + 1}"
+    return ",".join(str(i) for i in idx)
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 """Sweep names (grid `name`, `--name`): one path component that cannot climb out of
@@ -387,6 +439,7 @@ Level = Annotated[int, Field(ge=1, le=5)]
 
 Site = Literal[SITES]
 Mode = Literal[MODES]
+During = Literal[DURING]
 Align = Literal[ALIGNS]
 Control = Literal[GRID_CONTROLS]
 Dtype = Literal[DTYPES]
@@ -396,6 +449,88 @@ Condition = Literal[tuple(CLASSIC_CONDITIONS)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class LayerExpander(_Strict):
+    """A layer-axis entry that stands for several points, resolved per model.
+
+    A plain layer spec (`"10:21"`) is ONE point: every cell patches those layers together.
+    `{each: "10:21"}` is one point per layer of the spec (`"10"`, `"11"`, ..., `"20"`);
+    `{windows: W, step: S, over: "a:b"}` is one point per window of W consecutive layers
+    of `over` (default all layers), starting every S layers (default 1). Fractions of
+    depth resolve on each model, so the points may differ between models; every point's
+    `layers` coordinate is its concrete spec (`"12"`, `"10:14"`).
+    """
+
+    each: LayerSpec | None = None
+    windows: Annotated[int, Field(ge=1)] | None = None
+    step: Annotated[int, Field(ge=1)] | None = None
+    over: LayerSpec | None = None
+
+    @model_validator(mode="after")
+    def one_kind(self) -> LayerExpander:
+        if (self.each is None) == (self.windows is None):
+            raise ValueError(
+                f"a layer expander is either {{{LAYER_EACH}: 'a:b'}} (one point per layer) or "
+                f"{{{LAYER_WINDOWS}: W, step: S, over: 'a:b'}} (sliding windows of W layers)")
+        if self.each is not None and (self.step is not None or self.over is not None):
+            raise ValueError(f"`step` and `over` belong to {{{LAYER_WINDOWS}: W}}; "
+                             f"{{{LAYER_EACH}: ...}} takes only a layer spec")
+        return self
+
+    @property
+    def range_spec(self) -> str:
+        """The layer spec the points are drawn from (`each`, or `over` of the windows)."""
+        return self.each if self.each is not None else (self.over or "all")
+
+    def label(self) -> str:
+        """How messages and `validate` name this entry, in the file's own syntax."""
+        if self.each is not None:
+            return f'{{{LAYER_EACH}: "{self.each}"}}'
+        parts = [f"{LAYER_WINDOWS}: {self.windows}", f"step: {self.step or 1}"]
+        if self.over is not None:
+            parts.append(f'over: "{self.over}"')
+        return "{" + ", ".join(parts) + "}"
+
+    def needs_depth(self) -> bool:
+        """True when the points depend on the model's depth (fractions, `all`, ...)."""
+        return not _is_depth_independent(self.range_spec)
+
+    def expand(self, n_layers: int | None = None) -> list[str]:
+        """The concrete layer specs of the points on an `n_layers`-deep model.
+
+        `n_layers=None` works for depth-independent entries only (the pre-flight then
+        checks each point against every model). SpecError when the depth is needed but
+        unknown, the range does not fit, or no window fits in it.
+        """
+        if n_layers is None and self.needs_depth():
+            raise SpecError(f"{self.label()} depends on the model's depth; it is expanded "
+                            "per model from the model's config")
+        depth = _SYNTAX_DEPTH if n_layers is None else n_layers
+        idx = resolve_layers(self.range_spec, depth)
+        if self.each is not None:
+            return [str(i) for i in idx]
+        width, step = int(self.windows or 1), int(self.step or 1)
+        if width > len(idx):
+            where = "" if n_layers is None else f" on a {n_layers}-layer model"
+            raise SpecError(f"{self.label()}: a window of {width} layers does not fit in the "
+                            f"{len(idx)} layers of {self.range_spec!r}{where}")
+        return [layer_text(idx[i:i + width]) for i in range(0, len(idx) - width + 1, step)]
+
+
+_UNION_TAGS = frozenset({"layer-expander", "layer-spec"})
+"""Tags pydantic puts in the location of an error inside a tagged union (not file keys)."""
+
+
+def _layer_entry_kind(value: Any) -> str:
+    return "layer-expander" if isinstance(value, (dict, LayerExpander)) else "layer-spec"
+
+
+LayerEntry = Annotated[
+    Annotated[LayerExpander, Tag("layer-expander")] | Annotated[LayerSpec, Tag("layer-spec")],
+    Discriminator(_layer_entry_kind),
+]
+"""One entry of `interventions.layers`: a layer spec (one point) or an expander."""
 
 
 # --------------------------------------------------------------------------- the schema
@@ -479,19 +614,66 @@ class PromptsSpec(_Strict):
 
 
 class InterventionAxes(_Strict):
-    """The intervention grid: the product of every axis (a scalar means a 1-list)."""
+    """The intervention grid: the product of every axis (a scalar means a 1-list).
+
+    Combinations that cannot run (`combination_problem`) are left out of the product;
+    an axis value left with no combination at all is an error.
+    """
 
     site: Annotated[list[Site], BeforeValidator(_listify), Field(min_length=1)] = ["kv"]
-    layers: Annotated[list[LayerSpec], BeforeValidator(_listify), Field(min_length=1)] = ["all"]
+    layers: Annotated[list[LayerEntry], BeforeValidator(_listify), Field(min_length=1)] = ["all"]
     tokens: Annotated[list[TokenSpec], BeforeValidator(_listify), Field(min_length=1)] = ["all"]
     align: Annotated[list[Align], BeforeValidator(_listify), Field(min_length=1)] = ["end"]
     alpha: Annotated[list[FiniteFloat], BeforeValidator(_listify), Field(min_length=1)] = [1.0]
     mode: Annotated[list[Mode], BeforeValidator(_listify), Field(min_length=1)] = ["mix"]
+    during: Annotated[list[During], BeforeValidator(_listify), Field(min_length=1)] = [PREFILL]
 
-    @field_validator("site", "layers", "tokens", "align", "alpha", "mode")
+    @field_validator("site", "layers", "tokens", "align", "alpha", "mode", "during")
     @classmethod
     def check_unique(cls, value: list[Any]) -> list[Any]:
         return _unique(value)
+
+    def combinations(self) -> list[tuple[str, str, str]]:
+        """(site, mode, during) of the product that can run, in axis order."""
+        return [(s, m, d) for s in self.site for m in self.mode for d in self.during
+                if combination_problem(s, m, d) is None]
+
+    def skipped_combinations(self) -> list[tuple[str, str, str, str]]:
+        """(site, mode, during, why) of the product that is left out."""
+        out = []
+        for s in self.site:
+            for m in self.mode:
+                for d in self.during:
+                    why = combination_problem(s, m, d)
+                    if why is not None:
+                        out.append((s, m, d, why))
+        return out
+
+    @property
+    def expanders(self) -> list[tuple[int, LayerExpander]]:
+        """(index in `layers`, entry) of the entries that stand for several points."""
+        return [(k, e) for k, e in enumerate(self.layers) if isinstance(e, LayerExpander)]
+
+
+def combination_problem(site: str, mode: str, during: str) -> str | None:
+    """Why a (site, mode, during) combination cannot run, or None when it can.
+
+    A transplant swaps a prompt's cache, so it needs a cache site and exists only on the
+    prefill; a steering vector is added at the residual stream or the value projection;
+    during generation only sites with a per-token form can be patched.
+    """
+    if mode == TRANSPLANT and site not in CACHE_SITES:
+        return f"a transplant needs a cache site ({', '.join(CACHE_SITES)})"
+    if mode == STEER and site not in STEER_SITES:
+        return f"a steering vector is added at {', '.join(STEER_SITES)} only"
+    if during != PREFILL:
+        if mode == TRANSPLANT:
+            return (f"during {during!r} is not allowed with mode 'transplant' (it replaces the "
+                    "prompt's cache once, after the prefill)")
+        if site not in GENERATION_SITES:
+            return (f"site {site!r} cannot be patched during generation (allowed: "
+                    f"{', '.join(GENERATION_SITES)})")
+    return None
 
 
 class GenerationSpec(_Strict):
@@ -513,6 +695,18 @@ class MeasureSpec(_Strict):
     centering: bool = False
     trajectory: bool = False
     scorers: Annotated[list[str], BeforeValidator(_listify)] = list(KNOWN_SCORERS)
+    attention: bool = False
+    """Per layer, the entropy of the generated queries' attention and its mass on the
+    prompt, the generated tokens and the patched positions (`attn_*` columns)."""
+    layers: Annotated[Any, BeforeValidator(_canon_profile_layers)] = None
+    """null, `all` or a list of layers: the participation ratio at each (`pr_by_layer`);
+    checked against each model's depth by the pre-flight."""
+    kl_from_natural: bool = True
+    """KL(patched || natural) of the first generated token's distribution."""
+    top_logprobs: Annotated[int, Field(ge=0, le=100)] = 5
+    """Top-k ids and log-probs of the first generated step (0: none)."""
+    token_logprobs: bool = False
+    """The log-prob of every generated token, as a list column."""
 
     @field_validator("scorers")
     @classmethod
@@ -589,7 +783,7 @@ class SweepSpec(_Strict):
         Equal specs written differently hash the same; replicas or batch size may change
         between a run and its `--resume` (they change speed, not results).
         """
-        data = self.model_dump(mode="json")
+        data = without_later_defaults(self.model_dump(mode="json"))
         data.pop("resources", None)
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -627,6 +821,25 @@ class SweepSpec(_Strict):
 
     def controls_needing_interventions(self) -> list[str]:
         return [c for c in self.controls if c != "natural"]
+
+    def steer_skipped_controls(self) -> list[str]:
+        """Listed controls that steer points do not have (they run for the other points)."""
+        if self.interventions is None or STEER not in self.interventions.mode:
+            return []
+        return [c for c in self.controls if c not in STEER_CONTROLS]
+
+
+def without_later_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec dump without the fields of `vocab.LATER_SPEC_DEFAULTS` at their defaults:
+    what the spec hash covers, so a grid that does not use them keeps the hash it had
+    before they existed."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for dotted, default in LATER_SPEC_DEFAULTS.items():
+        section, key = dotted.split(".", 1)
+        sub = out.get(section)
+        if isinstance(sub, dict) and key in sub and sub[key] == default:
+            del sub[key]
+    return out
 
 
 # --------------------------------------------------------------------------- loading
@@ -687,16 +900,20 @@ def _dedupe(issues: list[Issue]) -> list[Issue]:
 
 
 def _unwrap_model(annotation: Any) -> Any:
-    """The BaseModel or list element type inside Annotated/Optional wrappers."""
+    """The BaseModel or list element type inside Annotated/Optional wrappers (a union of
+    one model with plain values, like a layer-axis entry, counts as that model)."""
     while True:
         origin = typing.get_origin(annotation)
         if origin is Annotated:
             annotation = typing.get_args(annotation)[0]
         elif origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = args[0] if len(args) == 1 else annotation
-            if len(args) != 1:
-                return annotation
+            if len(args) == 1:
+                annotation = args[0]
+                continue
+            unwrapped = [_unwrap_model(a) for a in args]
+            models = [a for a in unwrapped if isinstance(a, type) and issubclass(a, BaseModel)]
+            return models[0] if len(models) == 1 else annotation
         else:
             return annotation
 
@@ -751,7 +968,8 @@ def _issue_from_pydantic(
     err: Mapping[str, Any], data: Any, lines: LineIndex, root: type[BaseModel]
 ) -> Issue:
     kind = err["type"]
-    loc = _data_loc(err["loc"], data, keep_last=kind in ("missing", "extra_forbidden"))
+    raw = [part for part in err["loc"] if part not in _UNION_TAGS]  # not keys of the file
+    loc = _data_loc(raw, data, keep_last=kind in ("missing", "extra_forbidden"))
     field = format_loc(loc)
     line = lines.line(loc)
     msg = str(err["msg"])
@@ -794,6 +1012,45 @@ def _scorer_names() -> tuple[str, ...]:
     return KNOWN_SCORERS
 
 
+_AXIS_POSITION = {"site": 0, "mode": 1, "during": 2}
+
+
+def _blamed_axis(site: str, mode: str, during: str) -> str:
+    """Which axis a combination's problem is reported on (the value to change)."""
+    if mode in (TRANSPLANT, STEER) and combination_problem(site, mode, PREFILL) is not None:
+        return "mode"
+    return "during"
+
+
+def _dead_axis_values(axes: InterventionAxes, add: Callable[..., None],
+                      explained: set[tuple[str, str]]) -> None:
+    """An error for every site, mode or `during` value that no runnable combination has.
+
+    One mistake, one message: a value is reported on the axis its problem is blamed on
+    (`_blamed_axis`), and a value that is dead only because of a value reported already
+    is not reported again.
+    """
+    combos = [(s, m, d) for s in axes.site for m in axes.mode for d in axes.during]
+    dead: list[tuple[str, str]] = []
+    for axis in ("during", "mode", "site"):
+        for value in getattr(axes, axis):
+            mine = [c for c in combos if c[_AXIS_POSITION[axis]] == value]
+            if not any(combination_problem(*c) is None for c in mine):
+                dead.append((axis, value))
+    for axis, value in dead:
+        if (axis, value) in explained:
+            continue
+        mine = [c for c in combos if c[_AXIS_POSITION[axis]] == value]
+        blamed = {(b, c[_AXIS_POSITION[b]]) for c in mine for b in (_blamed_axis(*c),)}
+        own = any(b == axis for b, _ in blamed)
+        if not own and any(bv in dead or bv in explained for bv in blamed):
+            continue
+        reasons = sorted({str(combination_problem(*c)) for c in mine})
+        add(("interventions", axis, getattr(axes, axis).index(value)),
+            f"{axis} {value!r} gets no cells: {'; '.join(reasons)}. Change the other axes "
+            "or drop it")
+
+
 def _semantic_issues(spec: SweepSpec) -> list[Issue]:
     """Rules that span fields; each issue points at the field to change."""
     issues: list[Issue] = []
@@ -829,11 +1086,14 @@ def _semantic_issues(spec: SweepSpec) -> list[Issue]:
                 "`controls` has no `natural`")
     else:
         cache_sites = [s for s in axes.site if s in CACHE_SITES]
+        explained: set[tuple[str, str]] = set()
         if axes.mode == ["transplant"] and len(cache_sites) < len(axes.site):
             other = [s for s in axes.site if s not in CACHE_SITES]
             add(("interventions", "mode"), f"mode 'transplant' applies only to cache sites, so "
                 f"sites {other} would get no cells; add 'mix' or drop those sites",
                 allowed=list(CACHE_SITES))
+            explained |= {("mode", TRANSPLANT)} | {("site", s) for s in other}
+        _dead_axis_values(axes, add, explained)
     if needs_source and not p.conditions:
         for k, group in enumerate(p.effective_target_groups()):
             if not p.source_groups_for(group):

@@ -57,6 +57,9 @@ from rloop_ray.plan import Plan, PlanChange, compare, describe_change
 from rloop_ray.vocab import (
     COORDINATE_COLUMNS,
     DERIVED_FROM,
+    NATURAL,
+    NONE,
+    PREFILL,
     STATUS_OK,
     SWEEP_CREATED,
     SWEEP_RUNNING,
@@ -391,6 +394,29 @@ def _dedupe(table: pa.Table) -> pa.Table:
     first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
     mask = pa.concat_arrays([pa.array([True]), first.fill_null(True)])
     return tmp.filter(mask).drop_columns(["_ok"])
+
+
+def _backfill_during(table: pa.Table) -> pa.Table:
+    """Rows written before the `during` coordinate existed read as what they were:
+    prefill patches, and `none` for natural cells (like their other point coordinates).
+
+    The cell ids of such cells did not change (`during` enters the id only when it is not
+    the prefill), so old and new rows of one cell agree after this.
+    """
+    if "during" not in table.column_names or table.num_rows == 0:
+        return table
+    column = table["during"]
+    if column.null_count == 0:
+        return table
+    if "control" in table.column_names:
+        natural = pc.fill_null(pc.equal(table["control"], NATURAL), False)
+        fill = pc.if_else(natural, pa.scalar(NONE, pa.string()),
+                          pa.scalar(PREFILL, pa.string()))
+    else:
+        fill = pa.scalar(PREFILL, pa.string())
+    filled = pc.coalesce(column.cast(pa.string()), fill)
+    index = table.column_names.index("during")
+    return table.set_column(index, pa.field("during", pa.string()), filled)
 
 
 @dataclass(frozen=True)
@@ -933,12 +959,15 @@ class ResultStore:
         cols = None
         if columns is not None:
             needed = ["cell_id", "status", "attempt", "finished_at"] if dedupe else ["cell_id"]
+            if "during" in columns:
+                needed.append("control")  # to backfill old rows (`_backfill_during`)
             cols = list(dict.fromkeys([*columns, *needed]))
         try:
             table = dataset.to_table(columns=cols)
         except (pa.ArrowException, OSError) as exc:
             raise DamagedFileError(self.cells_path, f"a shard failed to read ({exc})",
                                    sweep=self.uri) from exc
+        table = _backfill_during(table)
         stale = 0
         if planned_only:
             table, stale = self._planned_filter(table, self.read_plan())

@@ -38,6 +38,7 @@ token (the source decodes alongside the target, step t mixed with its step t), o
 GENERATION_SITES = ("kv", "v_proj", "qkv", "resid")
 """Sites that can be patched during generation (`kv`: the generated tokens' cache entries)."""
 ALIGNS = ("start", "end")
+"""Which source position feeds a target position when the lengths differ."""
 MATCH_PREFIX = "match:"
 """Token spec `match:<regex>`: the target prefill positions whose decoded token text
 matches the (Python) regex; the number matched is the row's `n_matched_positions`."""
@@ -45,7 +46,6 @@ LAYER_EACH = "each"
 LAYER_WINDOWS = "windows"
 """Layer-axis expanders: `{each: "10:21"}` is one point per single layer of the range,
 `{windows: W, step: S}` (optionally `over: "a:b"`) sliding windows of W layers."""
-"""Which source position feeds a target position when the lengths differ."""
 
 # -- controls -----------------------------------------------------------------------------
 
@@ -141,3 +141,37 @@ DERIVED_FROM = "derived_from"
 construction (`derive.py`); null for every decoded row."""
 POINT_COLUMNS = ("site", "mode", "layers", "tokens", "align", "alpha", "during")
 """One intervention point: where, how and how strongly a cell was patched."""
+
+# -- steering sources, layer expanders, fields added to the grid later ------------------
+
+STEER_SOURCE_PREFIX = "mean:"
+"""`source_id` of a `steer` cell: its vector is a difference of group means, so the
+source is a group (`mean:recursive`), never one prompt."""
+
+
+def steer_source_id(group: str) -> str:
+    """The `source_id` of a steer cell whose vector comes from `group`'s mean."""
+    return f"{STEER_SOURCE_PREFIX}{group}"
+
+
+def is_steer_source(source_id: str | None) -> bool:
+    """True for a steer cell's group source (`mean:<group>`), False for a prompt id."""
+    return bool(source_id) and str(source_id).startswith(STEER_SOURCE_PREFIX)
+
+
+LAYER_OVER = "over"
+"""Optional key of a `windows` expander: the layer range the windows slide over."""
+LAYER_STEP = "step"
+"""Key of a `windows` expander: layers between the starts of two windows (default 1)."""
+
+LATER_SPEC_DEFAULTS = {
+    "interventions.during": [PREFILL],
+    "measure.attention": False,
+    "measure.layers": None,
+    "measure.kl_from_natural": True,
+    "measure.top_logprobs": 5,
+    "measure.token_logprobs": False,
+}
+"""Grid fields added after sweeps were first stored, with their defaults. At these values
+they are left out of the spec hash, and a recorded spec that lacks them reads as having
+them, so a sweep started before they existed still resumes (same hash, same cell ids)."""

@@ -7,6 +7,7 @@ twin that failed must not leave its dependents empty.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,57 @@ def test_resume_copies_cells_whose_twin_ran_before(tmp_path):
     assert again.sweep.ok == 27 and again.sweep.exit_code == 0
     assert natural_only <= set(again.cells["cell_id"])
     assert again.cells[DERIVED_FROM].notna().sum() == 27
+
+
+def test_newer_cells_that_are_natural_by_construction():
+    """Steer at alpha 0 or by `self` (the zero vector), a patch during generation at alpha 0,
+    and `self` during generation (no companion decode) equal the natural run; their twin
+    is the target's natural cell, whatever the later fields."""
+    from rloop_ray.grid import build_grid
+    from rloop_ray.prompts import PromptBank
+    from rloop_ray.spec import load_spec_text
+
+    bank = Path(__file__).parent / "data" / "bank"
+    spec = load_spec_text(
+        f"name: t\nmodels: [m]\nprompts: {{bank: '{bank}', n_pairs: 2}}\n"
+        "interventions: {site: resid, mode: [mix, steer], alpha: [0.0, 0.3, 1.0], "
+        "during: [prefill, generation, both]}\ncontrols: [natural, self, random]\n"
+        "measure: {attention: true}\n")
+    cells = build_grid(spec, bank=PromptBank.load(bank)).cells
+    ids = {c.cell_id for c in cells}
+
+    def expected(c):
+        if c.control == NATURAL:
+            return False
+        if c.alpha == 0.0:
+            return True
+        if c.mode == "steer":
+            return c.control == "self"
+        if c.control != "self":
+            return False
+        return c.during == "generation" or c.alpha == 1.0  # 0.3 is no exact self mix
+    seen = collections.Counter()
+    for c in cells:
+        assert provably_natural(c) == expected(c), (c.mode, c.control, c.during, c.alpha)
+        if provably_natural(c):
+            assert natural_twin_id(c) in ids
+            seen[(c.mode, c.control, c.during)] += 1
+    assert seen[("steer", "self", "prefill")] == 2 * 3  # two targets, every alpha
+    assert seen[("mix", "self", "generation")] == 2 * 3
+    assert seen[("mix", "self", "both")] == 2 * 2  # alpha 0 and 1 only
+    assert seen[("steer", "random", "generation")] == 2  # alpha 0 only
+    assert not any(provably_natural(c) for c in cells
+                   if c.mode == "steer" and c.control != "self" and c.alpha != 0.0)
+
+
+def test_a_derived_row_leaves_patch_facts_null_and_its_kl_zero():
+    from rloop_ray.derive import derived_row
+
+    twin = {"cell_id": "n", "control": NATURAL, "status": "ok", "generated_ids": [1, 2],
+            "kl_from_natural": 0.0, "n_matched_positions": None, "steer_norm": None,
+            "attn_mass_patched": [0.0], "top_ids": [5, 6]}
+    row = derived_row(twin, {"cell_id": "d", "control": "self", "during": "generation"},
+                      "n", None)
+    assert row["kl_from_natural"] == 0.0 and row["top_ids"] == [5, 6]
+    assert row["attn_mass_patched"] is None and row["steer_norm"] is None
+    assert (row["during"], row[DERIVED_FROM], row["cell_id"]) == ("generation", "n", "d")

@@ -175,6 +175,26 @@ def test_token_specs_that_fit_pass(tiny_cache: Path, bank: Path) -> None:
     assert report.tokens["last:4"].startswith("4 positions on 2 target(s)")
 
 
+def test_match_specs_read_the_tokens_the_engine_decodes(tiny_cache: Path, bank: Path) -> None:
+    """The pre-flight decodes each prefill token with the model's own tokenizer, as the
+    engine does (`selectors.token_texts_of`), and applies the regex to those texts."""
+    from rloop_ray.engine.selectors import resolve_tokens, token_texts_of
+
+    g = _grid(bank, "interventions: {tokens: ['match:(?i)river'], align: start}\n")
+    lengths = grid_mod.default_prompt_lengths(g.models[0], g.prompts, token_texts=True)
+    tok = models.load_prompt_tokenizer("tiny-llama")
+    for pid, prompt in g.prompts.items():
+        ids = tok.encode(prompt.text)
+        assert lengths.token_texts[pid] == tuple(token_texts_of(tok.tokenizer, ids[:-1]))
+        assert lengths.low[pid] == len(ids)
+    hits = {pid: resolve_tokens("match:(?i)river", len(t), t)
+            for pid, t in lengths.token_texts.items()}
+    assert hits["b-short"] and hits["b-long"] and not hits["r1"]
+    (report,) = check_models(g)  # the default lengths decode because a match spec is used
+    summary = report.tokens["match:(?i)river"]
+    assert "matched positions on 2 target(s)" in summary, summary
+
+
 def test_chat_template_the_tokenizer_lacks_is_an_error(
     tiny_cache: Path, bank: Path, tmp_path: Path
 ) -> None:

@@ -169,10 +169,16 @@ def test_spec_errors_name_field_line_and_allowed(
 def test_documented_examples_parse() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "grid.md").read_text()
     blocks = [b.split("```")[0] for b in doc.split("```yaml")[1:]]
-    assert len(blocks) == 2
-    specs = [load_spec_text(b, source="docs/grid.md") for b in blocks]
+    assert len(blocks) == 3
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    specs = [load_spec_text(b, source="docs/grid.md", base_dir=docs) for b in blocks]
     assert specs[0].name == "demo" and specs[1].prompts.conditions == ["A", "B", "C", "D"]
     assert [m.id for m in specs[1].models] == ["llama3-8b", "mistral-7b"]
+    assert specs[1].interventions is not None and len(specs[1].interventions.expanders) == 2
+    steer = grid_mod.build_grid(specs[2], depth_fn=lambda m: 30)  # the project's prompts
+    cells = [c for c in steer.cells if c.mode == "steer"]
+    assert {c.source_id for c in cells} == {"mean:recursive", "mean:baseline"}
+    assert {c.layers for c in cells} == {str(i) for i in range(12, 21)}  # 40%:70% of 30
 
 
 def test_missing_grid_file(tmp_path: Path) -> None:

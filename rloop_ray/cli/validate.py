@@ -48,6 +48,75 @@ def _indices(layers: list[int]) -> str:
     return f"{','.join(parts)} ({n} layer{'s' if n != 1 else ''})"
 
 
+def _points(points: list[tuple[str, list[int]]], limit: int = 8) -> str:
+    """An expander's points: "11 points, 1 layer each: 10, 11, ..., 20"."""
+    sizes = sorted({len(idx) for _, idx in points})
+    size = (f"{sizes[0]} layer{'s' if sizes[0] != 1 else ''} each" if len(sizes) == 1
+            else "layers " + "/".join(map(str, sizes)))
+    names = [spec for spec, _ in points]
+    if len(names) > limit:
+        names = [*names[: limit - 2], "...", names[-1]]
+    n = len(points)
+    return f"{n} point{'s' if n != 1 else ''}, {size}: {', '.join(names)}"
+
+
+def _layer_line(lspec: str, idx: list[int], width: int) -> str:
+    """A plain layer spec and what it resolves to; a range is said to be ONE point."""
+    line = f"  layers {lspec:<{width}} -> {_indices(idx)}"
+    if len(idx) > 1:
+        line += (f": ONE block of {len(idx)} layers patched together in each cell; "
+                 f'{{each: "{lspec}"}} gives one point per layer')
+    return line
+
+
+def _intervention_lines(grid: Grid) -> list[str]:
+    """What the newer intervention fields do in this grid: during, steer, match specs."""
+    from rloop_ray.engine.selectors import is_match_spec
+    from rloop_ray.vocab import GENERATION, PREFILL, STEER
+
+    axes = grid.spec.interventions
+    if axes is None:
+        return []
+    lines = []
+    during = ", ".join(axes.during)
+    if axes.during == [PREFILL]:
+        lines.append(f"  during: {during} (interventions edit the prompt's prefill only)")
+    else:
+        lines.append(f"  during: {during}: 'prefill' edits the prompt; '{GENERATION}' also "
+                     "every generated token (the source decodes alongside the target, step t "
+                     "mixed with its step t; cache sites patch the generated tokens' entries); "
+                     "'both' does both")
+    steer = [c for c in grid.cells if c.mode == STEER]
+    if steer:
+        groups = sorted({(str(c.source_group), len(c.steer_source_prompts or ()),
+                          c.target_group, len(c.steer_target_prompts or ())) for c in steer
+                         if c.control != "self"})
+        pairs = "; ".join(f"{s} ({ns} prompts) - {t} ({nt} prompts)" for s, ns, t, nt in groups)
+        lines.append(f"  steer: {len(steer)} cells, one per (target, source group) and point, "
+                     "source_id mean:<group>: adds alpha x (mean of the source group - mean "
+                     "of the target group) of the site's activation, each prompt averaged "
+                     f"over the token selection; {pairs or 'self only'}")
+    for tspec in axes.tokens:
+        if is_match_spec(tspec):
+            lines.append(f"  tokens {tspec}: the prefill positions whose decoded token text "
+                         "the regex finds (re.search), counted in n_matched_positions; a "
+                         "target with no match fails its cells as EmptyTokenSelection")
+    return lines
+
+
+def _measure_line(grid: Grid) -> str:
+    m = grid.spec.measure
+    profile = ("off" if m.layers is None else "all layers" if m.layers == "all"
+               else ", ".join(m.layers))
+    on = {True: "on", False: "off"}
+    top = f"top {m.top_logprobs}" if m.top_logprobs else "off"
+    return (f"  measure: R_V over the last {m.window} tokens ({m.early_layer} vs "
+            f"{m.late_layer}); layer profile pr_by_layer: {profile}; attention "
+            f"(attn_*): {on[m.attention]}; kl_from_natural (first step): "
+            f"{on[m.kl_from_natural]}; top_logprobs (first step): {top}; "
+            f"token_logprobs: {on[m.token_logprobs]}")
+
+
 def _params(n: int) -> str:
     """8030261248 -> "8.03 B", 134515008 -> "135 M"."""
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
@@ -92,13 +161,15 @@ def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str]
     if axes is None:
         lines.append("  interventions: none (natural runs only)")
     else:
-        sizes = " x ".join(f"{k} {len(getattr(axes, k))}"
-                           for k in ("site", "layers", "tokens", "align", "alpha", "mode"))
+        sizes = " x ".join(f"{k} {len(getattr(axes, k))}" for k in
+                           ("site", "layers", "tokens", "align", "alpha", "mode", "during"))
         lines.append(f"  interventions: {sizes}")
+        lines += _intervention_lines(grid)
     lines.append(f"  controls: {', '.join(spec.controls) or '(none)'}")
     g = spec.generation
     lines.append(f"  generation: {g.max_new_tokens} new tokens, temperature {g.temperature}, "
                  f"{g.n_samples} sample(s)")
+    lines.append(_measure_line(grid))
     counts = grid.counts()
     for model in grid.models:
         c = counts[model.id]
@@ -116,7 +187,11 @@ def _describe(grid: Grid, reports: list[ModelReport] | None, warnings: list[str]
             continue
         width = max((len(s) for s in rep.layers), default=0)
         for lspec, idx in rep.layers.items():
-            lines.append(f"  layers {lspec:<{width}} -> {_indices(idx)}")
+            lines.append(_layer_line(lspec, idx, width))
+        for label, points in rep.layer_points.items():
+            lines.append(f"  layers {label} -> {_points(points)}")
+        if rep.profile_layers is not None:
+            lines.append(f"  layer profile (measure.layers) -> {_indices(rep.profile_layers)}")
         lines.append(f"  R_V layers: early {spec.measure.early_layer} -> {rep.early_layer}, "
                      f"late {spec.measure.late_layer} -> {rep.late_layer}")
         for tspec, summary in rep.tokens.items():
