@@ -304,13 +304,15 @@ def test_permuting_cache_slots_is_a_no_op_so_shuffle_permutes_tokens(engines):
     unchanged (no sliding window here). The control must therefore scramble the input."""
     from rloop_ray.engine.interventions import permutation, shuffle_positions
     from rloop_ray.engine.runner import PreparedRow
+    from rloop_ray.engine.states import PatchedState
 
     engine = engines("tiny-llama")
     t = engine.encode(TARGET)
     perm = permutation(t.prefill_len, 5)
-    row = PreparedRow(0, natural(), [shuffle_positions(k, perm, 1) for k in t.keys],
-                      [shuffle_positions(v, perm, 1) for v in t.values], t.ids[-1],
-                      t.prefill_len, {"status": "ok"})
+    row = PreparedRow(0, natural(), PatchedState(
+        [shuffle_positions(k, perm, 1) for k in t.keys],
+        [shuffle_positions(v, perm, 1) for v in t.values], t.ids[-1], t.prefill_len,
+        {"status": "ok"}))
     permuted = engine._generate_and_measure([row])[0]
     assert permuted["generated_ids"] == engine.run([natural()])[0]["generated_ids"]
     outs = engine.run([req("p", alpha=1.0), req("s", alpha=1.0, control="shuffle")])

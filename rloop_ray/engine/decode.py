@@ -9,7 +9,11 @@ its own `max_new_tokens`) leaves the batch after the forward that stores its las
 token's V (compaction): the rest decode on fewer rows, and what its measures need is
 kept aside when it leaves, so they are those of the uncompacted loop. Per-step
 log-probabilities come from logits the loop has anyway; module outputs are captured only
-when asked for.
+when asked for. The first step's distribution gives `top_ids`/`top_logprobs` and
+`kl_from_natural` (against the target's natural first step, which the engine computes
+once per prompt and keeps with it); `measure.attention` probes the attention of the
+generated tokens' queries (`attention.AttentionProbe`); `measure.layers` keeps V of the
+profile layers for `pr_by_layer`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from transformers.cache_utils import DynamicLayer
 from rloop_ray.engine import attention
 from rloop_ray.engine.generation_patch import StepPatcher
 from rloop_ray.engine.hooks import hooks
-from rloop_ray.engine.measure import geometry, text_scores
+from rloop_ray.engine.measure import (
+    first_step,
+    geometry,
+    layer_profile,
+    profile_layers,
+    text_scores,
+)
 from rloop_ray.engine.selectors import resolve_layer
 from rloop_ray.engine.states import PatchedState
 from rloop_ray.engine.types import Generation, GenerationConfig, MeasureConfig
@@ -122,9 +132,13 @@ class Decoder:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, adapter: Any, *,
                  windows: Sequence[int | None], eos: set[int],
                  continuations: dict[str, list[int]],
-                 check_context: Callable[[int], None]) -> None:
+                 check_context: Callable[[int], None],
+                 natural_logprobs: Callable[[Sequence[PatchedState]],
+                                            list[torch.Tensor | None]] | None = None) -> None:
         """`continuations`: the `logprob_contrast` scorer's token ids ("recursive",
-        "neutral"); `check_context(n)` raises when n positions exceed the model's."""
+        "neutral"); `check_context(n)` raises when n positions exceed the model's;
+        `natural_logprobs(states)`: each state's target's natural first-step log-probs
+        (None where unknown), for `kl_from_natural`."""
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = adapter
@@ -133,6 +147,7 @@ class Decoder:
         self.eos = eos
         self.continuations = continuations
         self.check_context = check_context
+        self.natural_logprobs = natural_logprobs
         self.device = next(model.parameters()).device
 
     # ------------------------------------------------------------------ batching
@@ -243,8 +258,14 @@ class Decoder:
         done = [lim <= 0 for lim in limits]
         generators = [torch.Generator().manual_seed(int(g.seed)) if g.temperature > 0
                       else None for g in gens]
+        profiles = [profile_layers(m, self.n_layers) for m in measures]
         needed = [sorted({resolve_layer(m.early_layer, self.n_layers),
-                          resolve_layer(m.late_layer, self.n_layers)}) for m in measures]
+                          resolve_layer(m.late_layer, self.n_layers), *prof})
+                  for m, prof in zip(measures, profiles)]
+        references = self._natural_references(rows[:n_real], measures[:n_real])
+        first_logprobs: torch.Tensor | None = None
+        probe = self._probe(rows, valid, base) \
+            if any(m.attention for m in measures[:n_real]) else None
         kept: list[_Retired | None] = [None] * bsz
         segments = [_Segment(live, capture, self.n_layers)]
         step = 0
@@ -256,11 +277,16 @@ class Decoder:
             patcher.layout(live)
             patch_hooks = patcher.hooks(lambda n, l_: self.adapter.module(self.model, n, l_))
         # patch hooks first: a capture then records what the patched row really computed
-        with hooks([*patch_hooks, *self._capture_hooks(segments, capture)]):
+        with hooks([*patch_hooks, *self._capture_hooks(segments, capture)]), \
+                attention.probing(probe):
             while True:
                 if patcher is not None:
                     patcher.step = step
+                if probe is not None:  # step 0's query is the last prompt token
+                    probe.active = step > 0
                 logits = self.forward(cache, valid, feed[:, None], (positions + step)[:, None])
+                if step == 0:  # no compaction yet: slot b holds row b
+                    first_logprobs = torch.log_softmax(logits[:n_real, -1], dim=-1)
                 step += 1
                 for b in live:
                     fed[b] += 1
@@ -288,6 +314,8 @@ class Decoder:
                     segments.append(_Segment(live, capture, self.n_layers))
                     if patcher is not None:
                         patcher.layout(live)
+                    if probe is not None:
+                        probe.layout(live)
                 last = logits[:, -1]
                 picks, feed = self._sample(last, [gens[b] for b in live],
                                            [generators[b] for b in live])
@@ -315,12 +343,24 @@ class Decoder:
                 for n, layers in acts.items():
                     for layer, a in enumerate(layers):
                         captured[b][n][layer].append(a[s])
+        attn = probe.means() if probe is not None else None
         out = []
         for b, (row, m) in enumerate(zip(rows[:n_real], measures[:n_real])):
             n_gen = len(generated[b])
             ret = kept[b]
             assert ret is not None  # every row retires once, after its final feed
+            assert first_logprobs is not None  # the loop ran at least one forward
             meas = geometry(m, self.n_layers, ret, ret.valid, base, 0, n_gen)
+            meas.update(layer_profile(m, profiles[b], ret, ret.valid, base, 0, n_gen))
+            meas.update(first_step(m, first_logprobs[b], references[b], row.is_natural))
+            meas["token_logprobs"] = [float(x) for x in logprobs[b][:n_gen]] \
+                if m.token_logprobs else None
+            has_patch = bool(row.patched_positions) or row.step_patch is not None
+            for name in ("attn_entropy", "attn_mass_prompt", "attn_mass_generated",
+                         "attn_mass_patched"):
+                meas[name] = attn[name][b] if attn is not None and m.attention else None
+            if not has_patch:
+                meas["attn_mass_patched"] = None  # no patched position to put mass on
             if contrast is not None and "logprob_contrast" in m.scorers:
                 meas["score_logprob_contrast"] = contrast[b]
             text = self.tokenizer.decode(generated[b], skip_special_tokens=True)
@@ -337,6 +377,53 @@ class Decoder:
                                             fed[b] if row.step_patch is not None else 0},
                 seconds=gen_seconds / n_real))
         return out
+
+    def _natural_references(self, rows: Sequence[PatchedState],
+                            measures: Sequence[MeasureConfig]) -> list[torch.Tensor | None]:
+        """Per row, its target's natural first-step log-probs, for the rows whose
+        `kl_from_natural` needs them (patched rows that ask for it); else None."""
+        wanted = [b for b, (r, m) in enumerate(zip(rows, measures))
+                  if m.kl_from_natural and not r.is_natural]
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        if not wanted or self.natural_logprobs is None:
+            return out
+        for b, ref in zip(wanted, self.natural_logprobs([rows[b] for b in wanted])):
+            out[b] = ref
+        return out
+
+    @torch.no_grad()
+    def first_logprobs(self, rows: Sequence[PatchedState]) -> torch.Tensor:
+        """(B, V) first-step log-probs of `rows` decoded unpatched: one forward of each
+        row's first query on its own cache, as the decode loop's step 0 computes it."""
+        keys, values, valid = self.stack(rows)
+        cache = _cache(keys, values, reserve=1)
+        positions = torch.tensor([r.position for r in rows], device=self.device)
+        feed = torch.tensor([r.first_token for r in rows], device=self.device)
+        logits = self.forward(cache, list(valid), feed[:, None], positions[:, None])
+        return torch.log_softmax(logits[:, -1], dim=-1)
+
+    def _probe(self, rows: Sequence[PatchedState], valid: Sequence[torch.Tensor],
+               base: Sequence[int]) -> attention.AttentionProbe:
+        """The attention probe of a stacked batch: per layer, which slots of each row are
+        its prompt (cached prefix + the first query) and which its patch edited."""
+        prompt, patched = [], []
+        for layer in range(self.n_layers):
+            slots = valid[layer]
+            prompt.append(torch.cat([slots, torch.ones_like(slots[:, :1])], dim=1))
+            edited = torch.zeros_like(prompt[-1])
+            at_rows, at_slots = [], []
+            for b, row in enumerate(rows):
+                n_cached = int(row.keys[layer].shape[1])
+                offset = base[layer] - n_cached  # left padding of row b at this layer
+                kept = [offset + p for p in row.patched_positions if 0 <= p < n_cached]
+                at_rows.extend([b] * len(kept))
+                at_slots.extend(kept)
+            if at_rows:
+                edited[torch.tensor(at_rows, device=edited.device),
+                       torch.tensor(at_slots, device=edited.device)] = True
+            patched.append(edited)
+        during = torch.tensor([r.step_patch is not None for r in rows], device=self.device)
+        return attention.AttentionProbe(prompt, patched, during)
 
     def _with_companions(self, rows: Sequence[PatchedState], gens: Sequence[GenerationConfig],
                          measures: Sequence[MeasureConfig]

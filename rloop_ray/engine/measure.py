@@ -3,7 +3,9 @@
 V of a layer is the cached value, so R_V needs no extra forward: the decode loop feeds
 the final generated token once more and the generated tokens' V are then slots
 `base+1 .. base+n` of each layer (`base`: the first query's slot). Text scores come from
-`rloop_ray/scoring.py`; `logprob_contrast` is a forward pass, in `decode.py`.
+`rloop_ray/scoring.py`; `logprob_contrast` is a forward pass, in `decode.py`. The layer
+profile (`measure.layers`) is the same participation ratio at every listed layer, so its
+values at the early and late layers are `pr_early` and `pr_late` exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from rloop_ray.engine.geometry import r_v
+from rloop_ray.engine.geometry import participation_ratio, r_v
 from rloop_ray.engine.selectors import resolve_layer
 from rloop_ray.engine.types import MeasureConfig
 
@@ -60,6 +62,67 @@ def geometry(m: MeasureConfig, n_layers: int, cache: DynamicCache,
         out["rv_trajectory"] = traj
     else:
         out["rv_trajectory"] = None
+    return out
+
+
+def profile_layers(m: MeasureConfig, n_layers: int) -> list[int]:
+    """The layers of `measure.layers` on this model, sorted: none, every one ("all"), or
+    each listed layer point ("4", "-1", "84%")."""
+    if m.layers is None:
+        return []
+    if m.layers == "all":
+        return list(range(n_layers))
+    points = (m.layers,) if isinstance(m.layers, (str, int)) else m.layers
+    return sorted({resolve_layer(p, n_layers) for p in points})
+
+
+def _pr(v: torch.Tensor, m: MeasureConfig) -> float | None:
+    """PR of the last W rows of `v`, as `r_v` computes it; None with too few rows (the
+    row's `rv_status` says why)."""
+    if m.window < 2 or v.shape[0] < m.window:
+        return None
+    return participation_ratio(v[-m.window:], center=m.centering)
+
+
+def layer_profile(m: MeasureConfig, layers: Sequence[int], cache: DynamicCache,
+                  valid: Sequence[torch.Tensor], base: Sequence[int], b: int,
+                  n_gen: int) -> dict[str, Any]:
+    """`pr_by_layer` (generated tokens) and `pr_prompt_by_layer` (the last W prompt
+    tokens) at each profile layer of row b; all three columns None without a profile."""
+    if not layers:
+        return {"profile_layers": None, "pr_by_layer": None, "pr_prompt_by_layer": None}
+    generated, prompt = [], []
+    for layer in layers:
+        start = base[layer] + 1
+        generated.append(_pr(v_rows(cache, layer, b, start, start + n_gen), m))
+        n_prompt = int(valid[layer][b, :start].sum())
+        prompt.append(_pr(v_rows(cache, layer, b, start - n_prompt, start), m))
+    return {"profile_layers": list(layers), "pr_by_layer": generated,
+            "pr_prompt_by_layer": prompt}
+
+
+def first_step(m: MeasureConfig, logprobs: torch.Tensor, natural: torch.Tensor | None,
+               is_natural: bool) -> dict[str, Any]:
+    """`kl_from_natural` and `top_ids`/`top_logprobs` from the first generated step's
+    log-probs (V,) of a row, and those of its target's natural run.
+
+    KL(patched || natural) = sum p (log p - log q), in float64; exactly 0 for the natural
+    run itself (it is its own reference), and clipped at 0 where rounding of two nearly
+    equal distributions would make it negative. None when not asked for, or when the
+    natural reference is unknown (a state built by hand, without its prompt's text)."""
+    out: dict[str, Any] = {"kl_from_natural": None, "top_ids": None, "top_logprobs": None}
+    if m.kl_from_natural:
+        if is_natural:
+            out["kl_from_natural"] = 0.0
+        elif natural is not None:
+            lp, lq = logprobs.double(), natural.double()
+            p = lp.exp()
+            terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
+            out["kl_from_natural"] = max(0.0, float(terms.sum()))
+    if m.top_logprobs > 0:
+        top = torch.topk(logprobs, min(m.top_logprobs, logprobs.shape[-1]))
+        out["top_ids"] = [int(i) for i in top.indices.tolist()]
+        out["top_logprobs"] = [float(x) for x in top.values.tolist()]
     return out
 
 

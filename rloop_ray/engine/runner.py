@@ -163,22 +163,19 @@ class PreparedRow:
 
     index: int
     request: CellRequest
-    keys: list[torch.Tensor]  # per layer (kv_heads, n_l, head_dim); n_l may differ per layer
-    values: list[torch.Tensor]
-    first_token: int
-    position: int  # rotary position of the first query
-    meta: dict[str, Any]
-    step_patch: StepPatch | None = None
+    patched: PatchedState
 
     @classmethod
     def bind(cls, index: int, request: CellRequest, state: PatchedState) -> PreparedRow:
-        return cls(index, request, state.keys, state.values, state.first_token,
-                   state.position, state.meta, state.step_patch)
+        return cls(index, request, state)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.patched.meta
 
     def state(self) -> PatchedState:
-        return PatchedState(self.keys, self.values, self.first_token, self.position,
-                            self.meta, intervention=self.request.intervention,
-                            step_patch=self.step_patch)
+        """The state as its cell asked for it (the request's intervention)."""
+        return replace(self.patched, intervention=self.request.intervention)
 
 
 def _request_source(req: CellRequest) -> str | SteerSource | None:
@@ -237,7 +234,8 @@ class Engine:
         self._decoder = Decoder(self.model, self.tokenizer, self.adapter,
                                 windows=self._windows, eos=self._eos,
                                 continuations=self._continuation_ids,
-                                check_context=self._check_context)
+                                check_context=self._check_context,
+                                natural_logprobs=self._natural_first_logprobs)
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -573,6 +571,7 @@ class Engine:
             meta["n_patched_positions"] = source.prefill_len
             meta["rope_consistent"] = (source.prefill_len == target.prefill_len
                                        or len(layers) == self.n_layers)
+            edited: tuple[int, ...] = tuple(range(source.prefill_len))
         else:
             pmap = self._pmap(iv, target, source)
             _require_positions(pmap, iv, target.prefill_len, source.prefill_len)
@@ -586,10 +585,12 @@ class Engine:
             meta["n_patched_positions"] = len(pmap.target)
             meta["n_unpatched_positions"] = pmap.n_unmatched
             meta["rope_consistent"] = pmap.rope_consistent or not touch_k
+            edited = tuple(pmap.target)
         position = keys[0].shape[1]  # transformers' rule: the query follows layer 0's cache
         meta["query_position"] = position
         return PatchedState(keys, values, target.ids[-1], position, meta,
-                            prompt_ids=target.ids, text=target.text, intervention=iv)
+                            prompt_ids=target.ids, text=target.text, intervention=iv,
+                            patched_positions=edited)
 
     def _token_texts(self, state: PromptState) -> list[str]:
         """Decoded text of each prefill token (what a `match:` token spec reads)."""
@@ -692,7 +693,9 @@ class Engine:
             if _is_match(iv.tokens):
                 meta["n_matched_positions"] = len(positions)
         state = PatchedState(keys, values, target.ids[-1], target.prefill_len, meta,
-                             prompt_ids=target.ids, text=target.text, intervention=iv)
+                             prompt_ids=target.ids, text=target.text, intervention=iv,
+                             patched_positions=tuple(positions) if iv.during != GENERATION
+                             else ())
         if iv.during in (GENERATION, BOTH):
             state.step_patch = StepPatch(site=iv.site, layers=frozenset(layers),
                                          alpha=float(iv.alpha), control=iv.control,
@@ -771,10 +774,30 @@ class Engine:
             values = [cache.layers[l_].values[row] for l_ in range(self.n_layers)]
             states.append(PatchedState(keys, values, target.ids[-1], target.prefill_len, meta,
                                        prompt_ids=target.ids, text=target.text,
-                                       intervention=job.intervention))
+                                       intervention=job.intervention,
+                                       patched_positions=tuple(plans[row][1].target)))
         return states
 
     # ------------------------------------------------------------------ generate
+    def _natural_first_logprobs(self, states: Sequence[PatchedState]
+                                ) -> list[torch.Tensor | None]:
+        """Each state's target's natural first-step log-probs, computed once per prompt
+        (one batched forward of the first queries) and kept with its `PromptState`.
+        None for a state whose target is unknown (built by hand, no text)."""
+        prompts: list[PromptState | None] = []
+        for state in states:
+            prompt = self._resolve(state.text) if state.text else None
+            prompts.append(prompt if prompt is not None and prompt.ids == state.prompt_ids
+                           else None)
+        todo = list({id(p): p for p in prompts if p is not None and p.first_logprobs is None
+                     }.values())
+        for start in range(0, len(todo), self.max_batch_size):
+            chunk = todo[start:start + self.max_batch_size]
+            logprobs = self._decoder.first_logprobs([self._natural_state(p) for p in chunk])
+            for prompt, lp in zip(chunk, logprobs):
+                prompt.first_logprobs = lp.clone()
+        return [p.first_logprobs if p is not None else None for p in prompts]
+
     def generate(self, states: Sequence[PatchedState | PromptState],
                  generation: GenerationConfig | None = None,
                  measure: MeasureConfig | None = None, *,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rloop_ray.engine.types import Intervention
+from rloop_ray.vocab import NATURAL, NONE
 
 if TYPE_CHECKING:
     from rloop_ray.engine.generation_patch import StepPatch
@@ -35,6 +36,10 @@ class PromptState:
     """Captured prefill activations: name -> per layer (L-1, D)."""
     text: str = ""
     shuffle_seed: int | None = None  # the `shuffle` control's permutation, None: as written
+    first_logprobs: torch.Tensor | None = None
+    """The natural run's first-step next-token log-probs (V,), float32 on the device: what
+    `kl_from_natural` compares every patched run of this target with. Computed once, on
+    first need, and kept with the prompt."""
 
     @property
     def prefill_len(self) -> int:
@@ -63,6 +68,15 @@ class PatchedState:
     step_patch: StepPatch | None = None
     """What acts at every decode forward (`during: generation|both`, or a steer vector
     added while generating); None: generation runs unpatched."""
+    patched_positions: tuple[int, ...] = ()
+    """The target prefill positions the intervention edited (what `attn_mass_patched`
+    sums over, at every layer); empty for a natural state or a generation-only patch."""
+
+    @property
+    def is_natural(self) -> bool:
+        """True for an unpatched state: its run is the target's natural run."""
+        iv = self.intervention
+        return iv is None or iv.control == NATURAL or iv.site == NONE
 
     @property
     def cache_lengths(self) -> list[int]:
