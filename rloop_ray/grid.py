@@ -58,6 +58,7 @@ from rloop_ray.spec import (
     load_spec,
 )
 from rloop_ray.vocab import (
+    BOTH,
     CONTROL_ORDER,
     COORDINATE_COLUMNS,
     GENERATION,
@@ -1407,7 +1408,8 @@ def memory_estimates(grid: Grid, report: ModelReport, devices: Sequence[Any]) ->
         est = memory.replica_estimate(
             report.info, dtype=model.dtype, prompt_tokens=longest[1],
             new_tokens=spec.generation.max_new_tokens, batch_size=spec.resources.batch_size,
-            device=device, n_prompts=n_prompts, capture_sites=sites)
+            device=device, n_prompts=n_prompts, capture_sites=sites,
+            companions=any(c.during in (GENERATION, BOTH) for c in cells))
         if est is not None:
             out.append(est)
     return out

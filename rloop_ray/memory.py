@@ -578,13 +578,16 @@ def replica_estimate(
     n_prompts: int = ENGINE_PROMPT_CACHE,
     capture_sites: Sequence[str] = (),
     safety: float = 0.8,
+    companions: bool = False,
 ) -> ReplicaEstimate | None:
     """Memory of one replica and the largest batch `device` holds; None when the config
     lacks what the parameter count needs (`intermediate_size`, `tie_word_embeddings`).
 
     `prompt_tokens` is the longest prompt (every row and cached prompt is budgeted at
     it, an upper bound); `n_prompts` the distinct prompts a replica encodes, capped at
-    the engine's LRU of ENGINE_PROMPT_CACHE.
+    the engine's LRU of ENGINE_PROMPT_CACHE. `companions`: some cells patch during
+    generation, so a batch row may bring its source decoding alongside (an upper bound
+    of two decoding rows per cell).
     """
     n_params = estimate_n_params(info)
     if n_params is None:
@@ -593,7 +596,8 @@ def replica_estimate(
     weights = weight_bytes(n_params, dtype)
     shared = shared_bytes(info, prompt_tokens, dtype, cached_prompts=cached,
                           capture_sites=capture_sites)
-    row = sequence_bytes(info, prompt_tokens, new_tokens, dtype)
+    rows_per_cell = 2 if companions else 1
+    row = rows_per_cell * sequence_bytes(info, prompt_tokens, new_tokens, dtype)
     free = device.usable - weights
     max_batch: int | None = None
     needed: int | None = None
@@ -603,6 +607,10 @@ def replica_estimate(
                                           cached_prompts=cached, capture_sites=capture_sites)
         except InsufficientMemoryError:
             max_batch = None
+        if max_batch is not None and max_batch < rows_per_cell:
+            max_batch = None
+        elif max_batch is not None:
+            max_batch //= rows_per_cell
     if max_batch is None and device.gpu:
         try:
             needed = gpus_per_replica(n_params, info, device.bytes_each, prompt_tokens,

@@ -308,3 +308,18 @@ def test_parse_device() -> None:
         memory.parse_device("lots")
     with pytest.raises(ValueError, match="smaller than a CUDA context"):
         memory.parse_device("100MB")
+
+
+def test_generation_time_patches_budget_a_companion_per_row() -> None:
+    """`during: generation` decodes each cell's source alongside: two rows per cell."""
+    from rloop_ray.engine.known_configs import known_config
+
+    llama = known_config("meta-llama/Meta-Llama-3-8B-Instruct")
+    a10g = memory.parse_device("a10g")
+    kw = dict(dtype="float16", prompt_tokens=120, new_tokens=64, batch_size=32, device=a10g)
+    alone = memory.replica_estimate(llama, **kw)
+    paired = memory.replica_estimate(llama, **kw, companions=True)
+    assert alone is not None and paired is not None
+    assert paired.per_row == 2 * alone.per_row
+    assert alone.max_batch is not None and paired.max_batch is not None
+    assert paired.max_batch == alone.max_batch // 2
