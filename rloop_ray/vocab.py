@@ -175,3 +175,24 @@ LATER_SPEC_DEFAULTS = {
 """Grid fields added after sweeps were first stored, with their defaults. At these values
 they are left out of the spec hash, and a recorded spec that lacks them reads as having
 them, so a sweep started before they existed still resumes (same hash, same cell ids)."""
+
+# -- measure columns the analysis reads beyond the scalars -------------------------------
+
+KL_FROM_NATURAL = "kl_from_natural"
+"""Row column: KL(patched || natural) of the first generated step's next-token
+distribution against the same target's natural run; exactly 0.0 for natural rows."""
+NATURAL_ZERO_METRICS = (KL_FROM_NATURAL,)
+"""Metrics that are 0 by definition for a natural cell (they are measured against it)."""
+PROFILE_LAYERS = "profile_layers"
+PR_BY_LAYER = "pr_by_layer"
+PR_PROMPT_BY_LAYER = "pr_prompt_by_layer"
+"""Row columns of a layer profile (`measure.layers`): the layer indices, and the
+participation ratio of V at each of them over the last W generated tokens (and on the
+prompt side); an element is null when too few tokens were there."""
+LAYER_EARLY = "layer_early"
+"""Row column: the early layer of R_V (its denominator) as the engine resolved it."""
+ATTENTION_COLUMNS = ("attn_entropy", "attn_mass_prompt", "attn_mass_generated",
+                     "attn_mass_patched")
+"""Row columns of `measure.attention`, one element per layer (index = layer): the mean over
+the generated tokens' queries and the heads; `attn_mass_patched` is null for a row that
+patched no position."""

@@ -63,6 +63,9 @@ class Point:
     tokens: str = "all"
     align: str = "end"
     gain: float = 1.0
+    during: str | None = None
+    """`prefill`, `generation` or `both`; None writes no `during`, as rows written before
+    the coordinate existed."""
 
 
 @dataclass
@@ -139,6 +142,7 @@ def make_sweep(
     stale_rows: int = 0,
     skip: Callable[[dict[str, Any]], bool] | None = None,
     write_plan: bool = True,
+    extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> SyntheticSweep:
     """Write `root/name/` through the store like a sweep would; return what was written.
@@ -149,13 +153,16 @@ def make_sweep(
     re-writes rows in another shard (readers must dedupe); `stale_rows` writes rows of
     cells outside the plan (as an earlier plan would have left); `skip(row)` true keeps a
     planned cell unwritten; `write_plan=False` writes no plan (a legacy sweep, whose
-    completeness is unknown). `root` may be a URI (`file://...`, `memory://...`).
+    completeness is unknown); `extra(row)` returns more columns for a row (layer profiles,
+    attention, KL), from the row's coordinates, so the sweep's own draws do not change.
+    `root` may be a URI (`file://...`, `memory://...`).
     """
     eff = effects or Effects()
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     metrics = [m for m in METRICS if m in eff.a]
     prompt_effect = {}
+    extra_keys: set[str] = set()
 
     def value(metric: str, mean: float, target: str) -> float:
         key = (metric, target)
@@ -189,6 +196,10 @@ def make_sweep(
         row["n_generated"] = 32
         row["attempt"] = 1
         row["worker"] = "synthetic"
+        if extra is not None:
+            added = extra(row)
+            extra_keys.update(added)
+            row.update(added)
         rows.append(row)
 
     groups = [BASELINE_GROUP, RECURSIVE_GROUP] + ([LONG_CONTROL_GROUP] if long_control else [])
@@ -221,7 +232,7 @@ def make_sweep(
                 base = {
                     "site": point.site, "mode": point.mode, "layers": point.layers,
                     "tokens": point.tokens, "align": point.align, "alpha": float(alpha),
-                    "seed": 0,
+                    "seed": 0, **({} if point.during is None else {"during": point.during}),
                 }
                 for i in range(n_prompts):
                     level = (i % 5) + 1
@@ -255,7 +266,8 @@ def make_sweep(
     written_rows = [dict(r) for r in rows if skip is None or not skip(r)]
     if fail_every:
         for row in written_rows[::fail_every]:
-            for col in (*metrics, "rv_prompt", "pr_early", "pr_late", "score_technical"):
+            for col in (*metrics, "rv_prompt", "pr_early", "pr_late", "score_technical",
+                        *extra_keys):
                 row[col] = None
             row.update(rv_trajectory=None, generated_text=None, status=STATUS_FAILED,
                        rv_status=None, error_type="RuntimeError",

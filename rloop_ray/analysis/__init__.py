@@ -13,6 +13,7 @@ instead of analysed. The modules, each one job:
     completeness planned vs done, missing conditions, failures by type
     tables       `compute_stats` / `run_stats` (one FDR family) and `write_tables`
     identity     alpha = 0 and `self` cells checked against natural (exact matches)
+    profiles     per-layer tables: PR and R_V by depth, attention entropy and masses
     power        the effect a test of the design detects with 80% power
     summary      the answer per model: effects, controls, transfer, verdicts
     examples     generations side by side for a seeded handful of pairs

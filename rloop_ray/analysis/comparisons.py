@@ -21,13 +21,15 @@ import pandas as pd
 from scipy import stats
 
 from rloop_ray.analysis.estimators import cohens_d, d_confidence_interval, d_z
-from rloop_ray.analysis.labels import POINT_COLS, numeric, transplant_all_mask
+from rloop_ray.analysis.labels import TOLERANCE, identity_kind, numeric, transplant_all_mask
 from rloop_ray.vocab import (
     BASELINE_GROUP,
     LONG_CONTROL_GROUP,
     NATURAL,
+    NATURAL_ZERO_METRICS,
     NONE_LABEL,
     PATCH,
+    POINT_COLUMNS,
     RECURSIVE_GROUP,
     STATUS_FAILED,
     STATUS_OK,
@@ -45,8 +47,8 @@ CLASSIC_COMPARISONS = (GROUP_EFFECT, SUFFICIENCY, NECESSITY, PATCH_EFFECT, SOURC
 `control_vs_patch:<c>` per control."""
 
 COMPARISON_COLUMNS = (
-    "comparison", "metric", "model", "a", "b", "site", "mode", "layers", "tokens", "align",
-    "alpha", "control", "n_a", "n_b", "n_pairs", "n_unpaired", "n_failed_a", "n_failed_b",
+    "comparison", "metric", "model", "a", "b", *POINT_COLUMNS, "control", "n_a", "n_b",
+    "n_pairs", "n_unpaired", "n_failed_a", "n_failed_b",
     "n_nan_a", "n_nan_b", "mean_a", "mean_b", "sd_a", "sd_b", "diff", "effect_size",
     "cohens_d", "d_ci_low", "d_ci_high", "test", "statistic", "df", "p", "p_fdr",
     "significant", "mw_statistic", "mw_p", "wilcoxon_statistic", "wilcoxon_p", "note",
@@ -110,18 +112,38 @@ def _pair(a: Sample, b: Sample, keys: tuple[str, str]) -> tuple[np.ndarray, np.n
     return (np.array([ma[k] for k in common]), np.array([mb[k] for k in common]), unpaired)
 
 
+def _equal_within_tolerance(a: np.ndarray, b: np.ndarray) -> bool:
+    """Every value of `a` equals its partner in `b` within `TOLERANCE` (relative to
+    max(1, |b|)), as the identity checks count a cell as exact (analysis/identity.py)."""
+    return bool(len(a)) and bool(np.all(np.abs(a - b) <= TOLERANCE * np.maximum(1.0, np.abs(b))))
+
+
+IDENTITY_NOTE = (f"an identity by construction and every value equals natural within "
+                 f"{TOLERANCE:g}: a check passed (see the identity checks), not a test")
+"""The note of an identity comparison whose cells reproduce natural: no p-value, no d."""
+
+
 def compare_samples(
     a: Sample,
     b: Sample,
     *,
     pair_on: tuple[str, str] | None = ("target_id", "target_id"),
     confidence: float = 0.95,
+    identity: bool = False,
+    no_test: str | None = None,
 ) -> dict[str, Any]:
     """Compare condition `a` with condition `b` on one metric (diff = a - b).
 
     Paired t and d_z when the cells match by prompt (`pair_on` gives the key column of each
     side), otherwise Welch t and pooled Cohen's d. Mann-Whitney (and Wilcoxon when paired)
     as rank-based robustness checks. Failed and NaN cells are counted, never used.
+
+    `identity`: `a` is the same computation as `b` by construction (an alpha = 0 or `self`
+    condition against natural). When its values then equal b's within `TOLERANCE` (paired:
+    each pair; unpaired: every value of both sides), the differences are float noise, so no
+    test, d or rank test is computed from them (a t test of noise that is never negative, as
+    KL is, would come out "significant"). `no_test`: a reason the comparison is no test at
+    all (both sides 0 by definition); counts and means are still reported.
     """
     out: dict[str, Any] = {
         "n_failed_a": a.n_failed,
@@ -138,11 +160,17 @@ def compare_samples(
     }
     va, vb = a.values[np.isfinite(a.values)], b.values[np.isfinite(b.values)]
     notes: list[str] = []
-    if len(va) and len(vb) and not (np.ptp(va) == 0 and np.ptp(vb) == 0 and va[0] == vb[0]):
+    paired = _pair(a, b, pair_on) if pair_on else None
+    if no_test is None and identity and len(va) and len(vb):
+        same = (_equal_within_tolerance(paired[0], paired[1]) if paired is not None else
+                _equal_within_tolerance(np.concatenate([va, vb]),
+                                        np.full(len(va) + len(vb), float(np.median(vb)))))
+        no_test = IDENTITY_NOTE if same else None
+    if (no_test is None and len(va) and len(vb)
+            and not (np.ptp(va) == 0 and np.ptp(vb) == 0 and va[0] == vb[0])):
         mw = stats.mannwhitneyu(va, vb, alternative="two-sided")
         out["mw_statistic"], out["mw_p"] = float(mw.statistic), float(mw.pvalue)
 
-    paired = _pair(a, b, pair_on) if pair_on else None
     if paired is not None:
         pa_vals, pb_vals, unpaired = paired
         diff = pa_vals - pb_vals
@@ -154,7 +182,9 @@ def compare_samples(
         })
         if unpaired:
             notes.append(f"{unpaired} cells without a matching prompt left out of the pairs")
-        if np.ptp(diff) == 0:
+        if no_test is not None:
+            notes.append(no_test)
+        elif np.ptp(diff) == 0:
             notes.append("paired differences are constant: no test")
         else:
             res = stats.ttest_rel(pa_vals, pb_vals)
@@ -176,7 +206,9 @@ def compare_samples(
             "effect_size": "d_pooled", "test": "welch_t",
         })
         out["diff"] = out["mean_a"] - out["mean_b"]
-        if len(va) < 2 or len(vb) < 2:
+        if no_test is not None:
+            notes.append(no_test)
+        elif len(va) < 2 or len(vb) < 2:
             notes.append("fewer than 2 valid cells on a side: no test")
         elif np.ptp(va) == 0 and np.ptp(vb) == 0:
             notes.append("no spread in either condition: no test")
@@ -231,7 +263,7 @@ def plan_comparisons(
                     GROUP_EFFECT, model, nat_cond[ga], nat_cond[gb], None, NATURAL, None
                 ))
         patched = mcells[~mcells["is_natural"]]
-        for point, pcells in patched.groupby(list(POINT_COLS), dropna=False, sort=True):
+        for point, pcells in patched.groupby(list(POINT_COLUMNS), dropna=False, sort=True):
             conds = pcells.drop_duplicates("condition")
             patch_conds = conds[conds["control"] == PATCH]
             for _, row in conds.iterrows():
@@ -280,6 +312,16 @@ def _patch_partner(patch_conds: pd.DataFrame, target_group: str, source_group: s
     return None
 
 
+NATURAL_ZERO_NOTE = "both sides are natural runs, whose {metric} is 0 by definition: no test"
+"""The note of a natural-vs-natural comparison of a metric measured against natural."""
+
+
+def _against_natural(comparison: str) -> bool:
+    """Comparisons whose `b` is the natural condition of the `a` cells' own target."""
+    return comparison in (SUFFICIENCY, NECESSITY, PATCH_EFFECT) or (
+        comparison.startswith(CONTROL_PREFIX))
+
+
 def compare_conditions(
     cells: pd.DataFrame,
     metrics: Sequence[str],
@@ -300,12 +342,18 @@ def compare_conditions(
     for plan in plans:
         a = by_condition[(plan.model, plan.a_condition)]
         b = by_condition[(plan.model, plan.b_condition)]
-        point = dict(zip(POINT_COLS, plan.point, strict=True)) if plan.point else {
-            c: (math.nan if c == "alpha" else NONE_LABEL) for c in POINT_COLS
+        point = dict(zip(POINT_COLUMNS, plan.point, strict=True)) if plan.point else {
+            c: (math.nan if c == "alpha" else NONE_LABEL) for c in POINT_COLUMNS
         }
+        identity = (plan.point is not None and _against_natural(plan.comparison)
+                    and identity_kind(plan.control, point["mode"], point["alpha"]) is not None)
         for metric in metrics:
+            no_test = (NATURAL_ZERO_NOTE.format(metric=metric)
+                       if plan.comparison == GROUP_EFFECT and metric in NATURAL_ZERO_METRICS
+                       else None)
             result = compare_samples(a[metric], b[metric], pair_on=plan.pair_on,
-                                     confidence=confidence)
+                                     confidence=confidence, identity=identity,
+                                     no_test=no_test)
             rows.append({
                 "comparison": plan.comparison, "metric": metric, "model": plan.model,
                 "a": plan.a_condition, "b": plan.b_condition, **point,

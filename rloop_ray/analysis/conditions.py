@@ -17,7 +17,7 @@ import pandas as pd
 
 from rloop_ray.analysis.estimators import mean_or_nan, t_interval
 from rloop_ray.analysis.labels import CONDITION_COLS, GEOMETRY_METRICS, HUMAN_SCORE, numeric
-from rloop_ray.vocab import STATUS_FAILED, STATUS_OK
+from rloop_ray.vocab import NATURAL_ZERO_METRICS, STATUS_FAILED, STATUS_OK
 
 CONDITION_SUMMARY_COLUMNS = (
     *CONDITION_COLS, "condition", "letter", "point", "n", "n_ok", "n_failed", "metric",
@@ -33,6 +33,9 @@ def _nan_reasons(ok_rows: pd.DataFrame, metric: str, missing: pd.Series) -> str:
         reasons = ok_rows.loc[missing, "rv_status"].fillna("no reason recorded").astype(str)
     elif metric == HUMAN_SCORE:
         reasons = pd.Series(["not rated"] * int(missing.sum()))
+    elif metric in NATURAL_ZERO_METRICS:
+        reasons = pd.Series([f"{metric} not measured (off in the grid, or a row written "
+                             f"before it existed)"] * int(missing.sum()))
     else:
         reasons = pd.Series(["no reason recorded"] * int(missing.sum()))
     counts = reasons.value_counts()

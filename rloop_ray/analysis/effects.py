@@ -19,22 +19,22 @@ from scipy import stats
 
 from rloop_ray.analysis.estimators import bootstrap_ratio, mean_or_nan, spearman
 from rloop_ray.analysis.labels import (
-    POINT_COLS,
     SCORE_PREFIX,
     condition_label,
     numeric,
+    scope_label,
     transplant_all_mask,
 )
-from rloop_ray.vocab import NATURAL, NONE_LABEL, RECURSIVE_GROUP, STATUS_OK
+from rloop_ray.vocab import NATURAL, NONE_LABEL, POINT_COLUMNS, RECURSIVE_GROUP, STATUS_OK
 
 TRANSFER_COLUMNS = (
-    "model", *POINT_COLS, "point", "metric", "transplant_all", "n_a", "n_b", "n_c", "n_d",
+    "model", *POINT_COLUMNS, "point", "metric", "transplant_all", "n_a", "n_b", "n_c", "n_d",
     "mean_a", "mean_b", "mean_c", "mean_d", "efficiency", "eff_ci_low", "eff_ci_high",
     "necessity_fraction", "nec_ci_low", "nec_ci_high", "note",
 )
 DOSE_COLUMNS = (
-    "factor", "scope", "model", "site", "mode", "layers", "tokens", "align", "control",
-    "source_group", "target_group", "metric", "n", "n_levels", "rho", "p", "p_fdr",
+    "factor", "scope", "model", "site", "mode", "layers", "tokens", "align", "during",
+    "control", "source_group", "target_group", "metric", "n", "n_levels", "rho", "p", "p_fdr",
     "significant", "note",
 )
 CORRELATION_COLUMNS = (
@@ -42,7 +42,7 @@ CORRELATION_COLUMNS = (
     "pearson_ci_high", "spearman_rho", "spearman_p", "pearson_p_fdr", "spearman_p_fdr", "note",
 )
 SIDE_BY_SIDE_VALUES = ("n_a", "n_b", "diff", "cohens_d", "d_ci_low", "d_ci_high", "p_fdr")
-_FAMILY_COLS = ["model", "site", "mode", "layers", "tokens", "align", "control",
+_FAMILY_COLS = ["model", *(c for c in POINT_COLUMNS if c != "alpha"), "control",
                 "source_group", "target_group"]
 """A dose-response family: everything but alpha (and the prompt) fixed."""
 
@@ -77,7 +77,7 @@ def transfer_efficiency(
         a_cells = mcells[mcells["letter"] == "A"]
         b_cells = mcells[mcells["letter"] == "B"]
         patched = mcells[mcells["letter"].isin(["C", "D"])]
-        for point, pcells in patched.groupby(list(POINT_COLS), dropna=False, sort=True):
+        for point, pcells in patched.groupby(list(POINT_COLUMNS), dropna=False, sort=True):
             c_cells = pcells[pcells["letter"] == "C"]
             d_cells = pcells[pcells["letter"] == "D"]
             for metric in metrics:
@@ -86,7 +86,7 @@ def transfer_efficiency(
                     for x in (a_cells, b_cells, c_cells, d_cells)
                 )
                 row: dict[str, Any] = {
-                    "model": model, **dict(zip(POINT_COLS, point, strict=True)),
+                    "model": model, **dict(zip(POINT_COLUMNS, point, strict=True)),
                     "point": pcells["point"].iloc[0], "metric": metric,
                     "transplant_all": bool(transplant_all.loc[pcells.index].any()),
                     "n_a": len(va), "n_b": len(vb), "n_c": len(vc), "n_d": len(vd),
@@ -158,8 +158,7 @@ def dose_response(cells: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     for key, fam in patched.groupby(_FAMILY_COLS, dropna=False, sort=True):
         coords = dict(zip(_FAMILY_COLS, key, strict=True))
         if fam["alpha"].nunique() >= 2:
-            scope = condition_label({**coords, "alpha": math.nan}).replace(" alpha=-", "")
-            add("alpha", scope, fam, coords)
+            add("alpha", scope_label(coords), fam, coords)
         if fam["source_level"].nunique() >= 2:
             for alpha, sub in fam.groupby("alpha", dropna=False):
                 if sub["source_level"].nunique() >= 2:

@@ -162,6 +162,35 @@ def bootstrap_ratio(
     return (float(ci.low), float(ci.high))
 
 
+def bootstrap_mean(
+    values: np.ndarray, *, seed: int, n_resamples: int, confidence: float
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean (scipy.stats.bootstrap, seeded).
+
+    For the per-layer profiles: a PR is bounded below by 1 and skewed, so a resampled
+    interval rather than a t interval. NaN below two values (no spread to resample); a
+    single repeated value gives the degenerate interval (v, v), as `t_interval` does.
+    """
+    data = np.asarray(values, float)
+    if len(data) < 2:
+        return (math.nan, math.nan)
+    if np.ptp(data) == 0:
+        return (float(data[0]), float(data[0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", stats.DegenerateDataWarning)
+        res = stats.bootstrap(
+            (data,), np.mean, n_resamples=n_resamples, vectorized=True,
+            confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+        )
+    for w in caught:
+        if not issubclass(w.category, stats.DegenerateDataWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if any(issubclass(w.category, stats.DegenerateDataWarning) for w in caught):
+        return (math.nan, math.nan)
+    ci = res.confidence_interval
+    return (float(ci.low), float(ci.high))
+
+
 # --- rank correlation ---------------------------------------------------------------------
 
 

@@ -21,9 +21,8 @@ import pandas as pd
 
 from rloop_ray.analysis.figures import spec_sort_key
 from rloop_ray.analysis.identity import identity_mask
-from rloop_ray.analysis.labels import POINT_COLS
 from rloop_ray.analysis.load import ResultSet
-from rloop_ray.vocab import PATCH, STATUS_OK
+from rloop_ray.vocab import PATCH, POINT_COLUMNS, STATUS_OK, STEER
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +94,22 @@ def prompt_texts(results: ResultSet) -> dict[str, str]:
 
 
 def _point_order(point: tuple) -> tuple:
-    site, mode, layers, tokens, align, alpha = point
-    return (site, mode, spec_sort_key(layers), spec_sort_key(tokens), align, alpha)
+    at = dict(zip(POINT_COLUMNS, point, strict=True))
+    return (at["site"], at["mode"], spec_sort_key(at["layers"]), spec_sort_key(at["tokens"]),
+            at["align"], at["alpha"], at["during"])
 
 
 def _label(point: tuple, varying: Sequence[int]) -> str:
     parts = {"site": "site", "mode": "mode", "layers": "layers", "tokens": "tokens",
-             "align": "align", "alpha": "\u03b1"}
+             "align": "align", "alpha": "\u03b1", "during": "during"}
+    at = dict(zip(POINT_COLUMNS, point, strict=True))
     bits = []
     for i in varying:
-        name, value = POINT_COLS[i], point[i]
-        bits.append(f"{parts[name]} {value:g}" if name == "alpha" else f"{parts[name]} {value}")
+        name, value = POINT_COLUMNS[i], point[i]
+        if name == "alpha":
+            bits.append(f"{'scale' if at['mode'] == STEER else parts[name]} {value:g}")
+        else:
+            bits.append(f"{parts[name]} {value}")
     return "patched" + (", " + ", ".join(bits) if bits else "")
 
 
@@ -129,11 +133,11 @@ def pick_examples(
     for model, mine in patched.groupby("model", sort=True):
         natural = ok[(ok["model"] == model) & ok["is_natural"]].drop_duplicates("target_id")
         natural = natural.set_index("target_id")["generated_text"]
-        present = {tuple(r) for r in mine[list(POINT_COLS)].itertuples(index=False)}
+        present = {tuple(r) for r in mine[list(POINT_COLUMNS)].itertuples(index=False)}
         wanted = [p for p in points_by_model.get(str(model), []) if p in present]
         points = list(dict.fromkeys(wanted))[:MAX_POINTS] or sorted(present, key=str)[:MAX_POINTS]
         points.sort(key=_point_order)  # columns read left to right: early layers first
-        key = mine[list(POINT_COLS)].apply(tuple, axis=1)
+        key = mine[list(POINT_COLUMNS)].apply(tuple, axis=1)
         mine = mine[key.isin(points)]
         classic = mine[mine["letter"] == "C"]
         pool = classic if len(classic) else mine
@@ -142,7 +146,7 @@ def pick_examples(
         rng = np.random.default_rng(seed)
         chosen = [pairs[i] for i in sorted(rng.choice(len(pairs), size=min(n, len(pairs)),
                                                       replace=False))] if pairs else []
-        varying = [i for i in range(len(POINT_COLS)) if len({p[i] for p in points}) > 1]
+        varying = [i for i in range(len(POINT_COLUMNS)) if len({p[i] for p in points}) > 1]
         columns = ["target natural"] + [_label(p, varying) for p in points]
         has_source = any(s in natural.index for _, s in chosen)
         if has_source:
@@ -154,7 +158,7 @@ def pick_examples(
             ex.texts["target natural"] = clip_text(natural.get(target))
             for p, col in zip(points, columns[1:1 + len(points)], strict=True):
                 hit = pool[(pool["target_id"] == target) & (pool["source_id"] == source)
-                           & (pool[list(POINT_COLS)].apply(tuple, axis=1) == p)]
+                           & (pool[list(POINT_COLUMNS)].apply(tuple, axis=1) == p)]
                 ex.texts[col] = clip_text(hit["generated_text"].iloc[0]) if len(hit) else None
             if has_source:
                 ex.texts["source natural"] = clip_text(natural.get(source))

@@ -41,7 +41,7 @@ from rloop_ray.analysis.comparisons import (
 )
 from rloop_ray.analysis.estimators import t_interval
 from rloop_ray.analysis.identity import identity_kind
-from rloop_ray.analysis.labels import HUMAN_SCORE, SCORE_PREFIX, numeric
+from rloop_ray.analysis.labels import HUMAN_SCORE, SCORE_PREFIX, during_suffix, numeric
 from rloop_ray.analysis.tables import StatsResult
 from rloop_ray.vocab import (
     BASELINE_GROUP,
@@ -49,9 +49,11 @@ from rloop_ray.vocab import (
     NATURAL,
     PATCH,
     PATCH_CONTROLS,
+    POINT_COLUMNS,
     RECURSIVE_GROUP,
     SELF,
     STATUS_OK,
+    STEER,
 )
 
 logger = logging.getLogger(__name__)
@@ -256,9 +258,11 @@ def transfer_heatmaps(result: StatsResult, out_dir: Path, metrics: Sequence[str]
                                   "", skipped=f"no transfer efficiency for {metric} beyond "
                                               f"alpha = 0"))
             continue
-        for (site, mode, align), fam in sub.groupby(["site", "mode", "align"], sort=True):
+        for (site, mode, align, during), fam in sub.groupby(
+                ["site", "mode", "align", "during"], sort=True):
             controls = sorted(
                 {c for c in cond.loc[(cond["site"] == site) & (cond["mode"] == mode)
+                                     & (cond["during"] == during)
                                      & (cond["target_group"] == BASELINE_GROUP), "control"]
                  if c in PATCH_CONTROLS and c != SELF},
                 key=lambda c: PATCH_CONTROLS.index(c))
@@ -280,7 +284,7 @@ def transfer_heatmaps(result: StatsResult, out_dir: Path, metrics: Sequence[str]
                         for j, tok in enumerate(tokens):
                             vals[i, j], notes[i, j] = _heat_value(
                                 result, fam, model, alpha, lay, tok, kind, metric,
-                                (site, mode, align), a_mean, b_mean, q)
+                                (site, mode, align, during), a_mean, b_mean, q)
                     grids.append((vals, notes))
             finite = np.concatenate([v[np.isfinite(v)] for v, _ in grids])
             lim = float(min(max(1.0, np.max(np.abs(finite)) if len(finite) else 1.0), 2.0))
@@ -296,10 +300,12 @@ def transfer_heatmaps(result: StatsResult, out_dir: Path, metrics: Sequence[str]
                                         f"{model}, \u03b1 = {alpha:g}" if j == 0 else None)
             if image is not None:
                 fig.colorbar(image, ax=axes, shrink=0.85, label="(X \u2212 A) / (B \u2212 A)")
+            when = during_suffix(during)
             fig.suptitle(f"{_measure(metric)}: share of the natural gap moved ({site}/{mode}, "
-                         f"align {align})", fontsize=FONT + 1)
-            name = _slug(f"transfer_heatmap_{metric}_{site}_{mode}_{align}")
-            out.append(_drawn(name, f"{title}: {_measure(metric)} ({site}/{mode})", (
+                         f"align {align}{when.replace('=', ' ')})", fontsize=FONT + 1)
+            name = _slug(f"transfer_heatmap_{metric}_{site}_{mode}_{align}"
+                         + (f"_{during}" if when else ""))
+            out.append(_drawn(name, f"{title}: {_measure(metric)} ({site}/{mode}{when})", (
                 f"(X \u2212 A)/(B \u2212 A) of {_measure(metric)} for the patch (X = C, with its "
                 f"bootstrap 95% interval) and for each control on the same baseline targets: "
                 f"0 = the target as it was, 1 = as far as the recursive prompts. Stars: the "
@@ -310,12 +316,12 @@ def transfer_heatmaps(result: StatsResult, out_dir: Path, metrics: Sequence[str]
 
 
 def _heat_value(result: StatsResult, fam: pd.DataFrame, model: str, alpha: float, layers: str,
-                tokens: str, kind: str, metric: str, family: tuple[str, str, str],
+                tokens: str, kind: str, metric: str, family: tuple[str, str, str, str],
                 a_mean: float, b_mean: float, q: float) -> tuple[float, str]:
     """The value and label of one heatmap cell (patch: transfer table; control: its mean)."""
-    site, mode, align = family
+    site, mode, align, during = family
     where = {"model": model, "alpha": alpha, "layers": layers, "tokens": tokens,
-             "site": site, "mode": mode, "align": align}
+             "site": site, "mode": mode, "align": align, "during": during}
     if kind == PATCH:
         hit = fam
         for col, val in where.items():
@@ -356,7 +362,7 @@ def alpha_curves(result: StatsResult, out_dir: Path, metrics: Sequence[str]) -> 
     patched = cond[cond["control"] != NATURAL] if not cond.empty else cond
     if patched.empty:
         return [FigureInfo("alpha_dose", title, "", skipped="the sweep has no patched cells")]
-    point = ["model", "site", "mode", "layers", "tokens", "align"]
+    point = ["model", *(c for c in POINT_COLUMNS if c != "alpha")]
     q = result.q
     out: list[FigureInfo] = []
     for metric in metrics:
@@ -393,7 +399,7 @@ def alpha_curves(result: StatsResult, out_dir: Path, metrics: Sequence[str]) -> 
 
 def _alpha_panel(ax: Axes, result: StatsResult, key: tuple, g: pd.DataFrame, metric: str,
                  q: float) -> None:
-    model, site, mode, layers, tokens, align = key
+    model, site, mode, layers, tokens, align, during = key
     cond = result.conditions
     lines = []
     for (ctrl, src, tgt), line in g.groupby(["control", "source_group", "target_group"],
@@ -421,8 +427,8 @@ def _alpha_panel(ax: Axes, result: StatsResult, key: tuple, g: pd.DataFrame, met
                 else (SUFFICIENCY, NECESSITY, PATCH_EFFECT))
         for xi, (_, row) in zip(x, line.iterrows(), strict=True):
             p = _p_fdr(result, comparison=name, model=model, metric=metric, site=site, mode=mode,
-                       layers=layers, tokens=tokens, align=align, alpha=row["alpha"],
-                       a=row["condition"])
+                       layers=layers, tokens=tokens, align=align, during=during,
+                       alpha=row["alpha"], a=row["condition"])
             mark = stars(p, q)
             if mark and np.isfinite(row["mean"]):
                 top = row["ci_high"] if np.isfinite(row["ci_high"]) else row["mean"]
@@ -436,10 +442,11 @@ def _alpha_panel(ax: Axes, result: StatsResult, key: tuple, g: pd.DataFrame, met
             letter = f"{row['letter']}: " if row["letter"] else ""
             ax.axhline(row["mean"], linestyle=next(styles, "--"), linewidth=1.1,
                        color="dimgrey", label=f"{letter}natural {row['target_group']}")
-    ax.set_xlabel("alpha", fontsize=FONT)
+    ax.set_xlabel("scale (steering vector)" if mode == STEER else "alpha", fontsize=FONT)
     ax.set_ylabel(_measure(metric), fontsize=FONT)
     ax.tick_params(labelsize=SMALL)
-    ax.set_title(f"{model}: {site}/{mode}, layers {layers}, tokens {tokens}", fontsize=SMALL)
+    ax.set_title(f"{model}: {site}/{mode}, layers {layers}, tokens {tokens}"
+                 f"{during_suffix(during).replace('=', ' ')}", fontsize=SMALL)
 
 
 # --- R_V distributions ----------------------------------------------------------------------
@@ -566,6 +573,58 @@ def rv_trajectories(result: StatsResult, out_dir: Path, max_points: int = 4) -> 
     ), _save(fig, out_dir, name))
 
 
+# --- R_V by depth ----------------------------------------------------------------------------
+
+
+def rv_by_depth(result: StatsResult, out_dir: Path) -> FigureInfo | None:
+    """R_V by depth (PR at each profile layer over PR at the reference layer) of natural
+    cells: a panel per model, a line per target group with its bootstrap 95% band.
+
+    None when no cell recorded a layer profile (`measure.layers` is off by default, so a
+    sweep without one is not missing a figure)."""
+    name, title = "rv_by_depth", "R_V by depth (natural cells)"
+    prof = result.profiles
+    if prof.empty:
+        return None
+    natural = prof[(prof["control"] == NATURAL) & (prof["n_rv_valid"] > 0)]
+    if natural.empty:
+        return FigureInfo(name, title, "", skipped=(
+            "no natural cell has a layer profile with a PR at its reference layer"))
+    models = sorted(natural["model"].unique())
+    fig, axes = _new_figure(1, len(models), cell=(5.0, 3.8))
+    for j, model in enumerate(models):
+        ax = axes[0, j]
+        mine = natural[natural["model"] == model]
+        order = sorted(mine["target_group"].unique(),
+                       key=lambda g: (0 if g == BASELINE_GROUP else 1 if g == RECURSIVE_GROUP
+                                      else 2, g))
+        for group in order:
+            line = mine[mine["target_group"] == group].sort_values("layer")
+            n = int(line["n_rv_valid"].max())
+            (drawn,) = ax.plot(line["layer"], line["mean_rv_depth"], marker="o", markersize=3,
+                               label=f"natural {group} (n={n})")
+            band = line[np.isfinite(line["rv_ci_low"].astype(float))]
+            ax.fill_between(band["layer"].to_numpy(float), band["rv_ci_low"].to_numpy(float),
+                            band["rv_ci_high"].to_numpy(float), alpha=0.2,
+                            color=drawn.get_color())
+        refs = sorted({r for r in mine["reference"] if r})
+        ax.axhline(1.0, color="dimgrey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("layer", fontsize=FONT)
+        ax.set_ylabel("PR(layer) / PR(reference)", fontsize=FONT)
+        ax.tick_params(labelsize=SMALL)
+        ax.set_title(f"{model}\nreference: {'; '.join(refs)}", fontsize=FONT)
+    _legend_below(fig, axes)
+    fig.suptitle("R_V by depth (mean and bootstrap 95% CI per layer)", fontsize=FONT + 1)
+    return _drawn(name, title, (
+        "Each cell's participation ratio of V (last W generated tokens) at every profile "
+        "layer, divided by its PR at the reference layer (its early layer when the profile "
+        "holds it, else the first profile layer; the panel title names it), averaged over "
+        "the natural cells of each target group. Below 1: a more contracted value space "
+        "than at the reference; at the late layer with the early layer as reference this is "
+        "R_V itself. Every condition, patched ones too, is in stats/profiles.parquet."
+    ), _save(fig, out_dir, name))
+
+
 # --- R_V vs behaviour -------------------------------------------------------------------------
 
 
@@ -653,6 +712,9 @@ def make_figures(
     figures += alpha_curves(result, folder, chosen)
     figures.append(rv_distributions(result, folder))
     figures.append(rv_trajectories(result, folder))
+    depth = rv_by_depth(result, folder)
+    if depth is not None:
+        figures.append(depth)
     figures += rv_vs_scores(result, folder)
     for fig in figures:
         if fig.skipped:
@@ -661,7 +723,8 @@ def make_figures(
     return figures
 
 
-_OUR_FIGURES = re.compile(r"^(transfer_heatmap_|alpha_dose_|rv_vs_|rv_by_group$|rv_trajectory$)")
+_OUR_FIGURES = re.compile(
+    r"^(transfer_heatmap_|alpha_dose_|rv_vs_|rv_by_group$|rv_trajectory$|rv_by_depth$)")
 
 
 def _remove_stale(folder: Path, figures: Sequence[FigureInfo]) -> None:

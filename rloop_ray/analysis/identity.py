@@ -10,6 +10,10 @@ it exactly (the same generated tokens, every metric equal within `TOLERANCE`) or
 Only when cells do differ is the statistical comparison consulted, to say whether the
 difference is systematic (a bug) or scattered (batch-dependent numerics).
 
+The comparisons follow the same rule (analysis/comparisons.py): an identity condition
+whose every value equals natural within `TOLERANCE` gets no test at all, because its
+differences are noise, and noise that is never negative (KL) would test "significant".
+
 A sweep may not decode most of these cells at all: the driver writes them as copies of
 their natural twin (`derived_from`, docs/architecture.md) and decodes a seeded sample as
 sentinels. A copy matches by construction, so the check counts the decoded cells apart:
@@ -27,28 +31,21 @@ import numpy as np
 import pandas as pd
 
 from rloop_ray.analysis.comparisons import CONTROL_VS_PATCH_PREFIX, SOURCE_NATURAL
-from rloop_ray.analysis.labels import numeric
-from rloop_ray.vocab import DERIVED_FROM, MIX, SELF, STATUS_OK
+from rloop_ray.analysis.labels import (
+    ALPHA_ZERO,
+    SELF_CONTROL,
+    TOLERANCE,
+    identity_kind,
+    numeric,
+)
+from rloop_ray.vocab import DERIVED_FROM, STATUS_OK
 
-TOLERANCE = 1e-3
-"""Largest |difference| (relative to max(1, |natural value|)) that still counts as equal.
+__all__ = ["ALPHA_ZERO", "KIND_LABELS", "SELF_CONTROL", "TOLERANCE", "IdentityCheck",
+           "identity_checks", "identity_kind", "identity_mask"]
 
-Float32 batches with other padding move R_V and log-probabilities by 1e-7..1e-5; no effect a
-sweep of tens of prompts can detect is anywhere near 1e-3 of the value."""
-
-ALPHA_ZERO = "alpha0"
-SELF_CONTROL = "self"
 KIND_LABELS = {ALPHA_ZERO: "alpha = 0 mix", SELF_CONTROL: "'self' control"}
-"""The two kinds of identity cell, as the report names them."""
-
-
-def identity_kind(control: str, mode: str, alpha: float) -> str | None:
-    """Which identity a patched cell is by construction (`self` first), or None."""
-    if control == SELF:
-        return SELF_CONTROL
-    if mode == MIX and alpha is not None and np.isfinite(alpha) and alpha == 0.0:
-        return ALPHA_ZERO
-    return None
+"""The two kinds of identity cell, as the report names them (an alpha = 0 steer, the zero
+vector, counts with the alpha = 0 mixes)."""
 
 
 def identity_mask(frame: pd.DataFrame) -> pd.Series:

@@ -18,24 +18,39 @@ import pandas as pd
 
 from rloop_ray.vocab import (
     CACHE_SITES,
+    MIX,
     NATURAL,
+    NATURAL_ZERO_METRICS,
     NONE,
     NONE_LABEL,
+    POINT_COLUMNS,
+    PREFILL,
+    SELF,
     STATUS_OK,
+    STEER,
+    STEER_SOURCE_PREFIX,
     TRANSPLANT,
     classic_condition,
+    is_steer_source,
 )
 
 GEOMETRY_METRICS = ("rv", "rv_prompt", "pr_early", "pr_late", "erank_early", "erank_late")
 SCORE_PREFIX = "score_"
 HUMAN_SCORE = "score_human"
 """The metric `rloop-ray rate import` adds; a missing value there means "not rated"."""
-POINT_COLS = ("site", "mode", "layers", "tokens", "align", "alpha")
-"""One intervention point: where, how and how strongly a cell was patched."""
-CONDITION_COLS = ("model", *POINT_COLS, "control", "source_group", "target_group")
-"""A condition: all cells that differ only by prompt (and seed)."""
-_STRING_KEYS = ("model", "site", "mode", "layers", "tokens", "align", "control",
+CONDITION_COLS = ("model", *POINT_COLUMNS, "control", "source_group", "target_group")
+"""A condition: all cells that differ only by prompt (and seed). The point is the
+vocabulary's (`vocab.POINT_COLUMNS`, `during` included), so two cells that differ only in
+when the intervention acts are never pooled into one condition."""
+_STRING_KEYS = ("model", "site", "mode", "layers", "tokens", "align", "during", "control",
                 "source_group", "target_group")
+ALPHA_ZERO = "alpha0"
+SELF_CONTROL = "self"
+TOLERANCE = 1e-3
+"""Largest |difference| (relative to max(1, |natural value|)) that still counts as equal.
+
+Float32 batches with other padding move R_V and log-probabilities by 1e-7..1e-5; no effect a
+sweep of tens of prompts can detect is anywhere near 1e-3 of the value."""
 ALL_LAYER_SPECS = frozenset({"all", ":", "0:", "0%:100%", ":100%", "0%:", "0:100%"})
 """Layer specs that always mean every layer of the model, whatever its depth."""
 
@@ -56,11 +71,33 @@ def _fmt_alpha(alpha: float) -> str:
     return NONE_LABEL if alpha is None or not np.isfinite(alpha) else f"{alpha:g}"
 
 
-def point_label(site: str, mode: str, layers: str, tokens: str, align: str, alpha: float) -> str:
-    """A readable, model-independent name for one intervention point."""
+def during_suffix(during: str) -> str:
+    """` during=generation` for a point that does not act on the prefill only, else `""`.
+
+    Prefill is the default (and what every row written before `during` existed did), so its
+    labels stay exactly what they were."""
+    return "" if during in (PREFILL, NONE, NONE_LABEL) else f" during={during}"
+
+
+def point_label(site: str, mode: str, layers: str, tokens: str, align: str, alpha: float,
+                during: str = PREFILL) -> str:
+    """A readable, model-independent name for one intervention point.
+
+    A `steer` point adds a vector (align does not apply) scaled by alpha, which is no mix
+    weight: it reads `scale=`, so `alpha=2` is never mistaken for an extrapolated mix."""
     if site == NONE:
         return NONE_LABEL
-    return f"{site}/{mode} L={layers} T={tokens} align={align} alpha={_fmt_alpha(alpha)}"
+    if mode == STEER:
+        return (f"{site}/{mode} L={layers} T={tokens} scale={_fmt_alpha(alpha)}"
+                f"{during_suffix(during)}")
+    return (f"{site}/{mode} L={layers} T={tokens} align={align} alpha={_fmt_alpha(alpha)}"
+            f"{during_suffix(during)}")
+
+
+def scope_label(coords: dict[str, Any]) -> str:
+    """A condition label with alpha left out: the name of a family that varies alpha."""
+    return (condition_label({**coords, "alpha": math.nan})
+            .replace(" alpha=-", "").replace(" scale=-", ""))
 
 
 def condition_letter(control: str, source_group: str, target_group: str) -> str:
@@ -74,8 +111,21 @@ def condition_label(row: pd.Series | dict[str, Any]) -> str:
     prefix = f"{letter}: " if letter else ""
     if row["control"] == NATURAL:
         return f"{prefix}{NATURAL} {row['target_group']}"
-    point = point_label(*(row[c] for c in POINT_COLS))
+    point = point_label(*(row[c] for c in POINT_COLUMNS))
     return f"{prefix}{row['control']} {row['source_group']}->{row['target_group']} @ {point}"
+
+
+def identity_kind(control: str, mode: str, alpha: float) -> str | None:
+    """Which identity a patched cell is by construction (`self` first), or None.
+
+    An alpha = 0 mix keeps none of the source, an alpha = 0 steer adds the zero vector,
+    and `self` patches the target with itself (a `self` steer: the zero vector): all run
+    the unpatched computation (analysis/identity.py checks them against natural)."""
+    if control == SELF:
+        return SELF_CONTROL
+    if mode in (MIX, STEER) and alpha is not None and np.isfinite(alpha) and alpha == 0.0:
+        return ALPHA_ZERO
+    return None
 
 
 def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
@@ -83,7 +133,9 @@ def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
 
     Natural cells (control `natural` or site `none`) carry no intervention: their point
     fields become `-`, alpha NaN and source group `-`, so that every natural cell of a target
-    group falls in one condition whatever the writer put there.
+    group falls in one condition whatever the writer put there. A patched row without
+    `during` acted on the prefill (the only kind there was); a steer row whose source group
+    is missing takes it from its source id (`mean:<group>`).
     """
     df = cells.copy()
     needed = (*CONDITION_COLS, "cell_id", "status", "target_id", "source_id", "target_level",
@@ -100,7 +152,14 @@ def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
     natural = (df["control"] == NATURAL) | (df["site"] == NONE)
     df.loc[natural, "control"] = NATURAL
     df.loc[natural, "site"] = NONE
-    for col in ("mode", "layers", "tokens", "align", "source_group"):
+    # rows written before `during` existed were prefill patches (the store backfills them
+    # too; a frame built by hand may lack the column altogether)
+    df.loc[~natural & df["during"].isin([NONE_LABEL, NONE]), "during"] = PREFILL
+    steer = (~natural & (df["source_group"] == NONE_LABEL)
+             & df["source_id"].map(is_steer_source).astype(bool))
+    df.loc[steer, "source_group"] = [str(s)[len(STEER_SOURCE_PREFIX):]
+                                     for s in df.loc[steer, "source_id"]]
+    for col in ("mode", "layers", "tokens", "align", "during", "source_group"):
         df.loc[natural, col] = NONE_LABEL
     df.loc[natural, "alpha"] = np.nan
     df["is_natural"] = natural
@@ -109,7 +168,7 @@ def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
             df[col] = pd.Series(dtype=object)
         return df
     df["point"] = [
-        point_label(*vals) for vals in zip(*(df[c] for c in POINT_COLS), strict=True)
+        point_label(*vals) for vals in zip(*(df[c] for c in POINT_COLUMNS), strict=True)
     ]
     df["letter"] = [
         condition_letter(c, s, t)
@@ -119,11 +178,22 @@ def normalise_cells(cells: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _is_scalar_column(series: pd.Series) -> bool:
+    """False for a column of lists (top-k ids, per-layer profiles): no metric is a list."""
+    if series.dtype != object:
+        return True
+    return not any(isinstance(v, (list, tuple, np.ndarray, dict)) for v in series.dropna())
+
+
 def metric_columns(cells: pd.DataFrame) -> list[str]:
-    """Geometry metrics and `score_*` columns that hold at least one number."""
-    candidates = [c for c in GEOMETRY_METRICS if c in cells.columns]
+    """Geometry metrics, `kl_from_natural` and `score_*` columns with at least one number.
+
+    List columns (`top_ids`, `pr_by_layer`, `attn_*`, ...) are never metrics: the per-layer
+    ones have their own tables (analysis/profiles.py)."""
+    candidates = [c for c in (*GEOMETRY_METRICS, *NATURAL_ZERO_METRICS) if c in cells.columns]
     candidates += sorted(c for c in cells.columns if c.startswith(SCORE_PREFIX))
-    return [c for c in candidates if pd.to_numeric(cells[c], errors="coerce").notna().any()]
+    return [c for c in candidates if _is_scalar_column(cells[c])
+            and pd.to_numeric(cells[c], errors="coerce").notna().any()]
 
 
 def primary_metrics(metrics: Sequence[str]) -> list[str]:

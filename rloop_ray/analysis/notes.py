@@ -29,9 +29,9 @@ from rloop_ray.analysis.identity import (
     identity_checks,
     identity_mask,
 )
-from rloop_ray.analysis.labels import POINT_COLS, point_label, primary_metrics
+from rloop_ray.analysis.labels import point_label, primary_metrics
 from rloop_ray.analysis.tables import StatsResult
-from rloop_ray.vocab import SELF
+from rloop_ray.vocab import POINT_COLUMNS, SELF
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def _first_effect(
 
 
 def _point_of(row: pd.Series) -> str:
-    return point_label(*(row[c] for c in POINT_COLS))
+    return point_label(*(row[c] for c in POINT_COLUMNS))
 
 
 def _transfer_notes(result: StatsResult) -> list[Note]:

@@ -51,7 +51,7 @@ from rloop_ray.analysis.summary import (
     point_text,
 )
 from rloop_ray.analysis.tables import STATS_DIR, StatsResult, compute_stats, write_tables
-from rloop_ray.vocab import NATURAL, NONE_LABEL
+from rloop_ray.vocab import NATURAL, NONE_LABEL, PREFILL
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,50 @@ def condition_view(cond: pd.DataFrame, metrics: Sequence[str], with_model: bool
     return view
 
 
+def _natural_first(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the natural conditions first, then the rest, each by model and condition."""
+    return table.assign(_nat=table["control"] != NATURAL).sort_values(
+        ["model", "_nat", "condition", "layer"], kind="stable").drop(columns=["_nat"])
+
+
+def profile_view(prof: pd.DataFrame, with_model: bool) -> pd.DataFrame:
+    """Per condition and profile layer: PR, prompt PR and R_V by depth with intervals."""
+    if prof.empty:
+        return prof
+    prof = _natural_first(prof)
+    view = pd.DataFrame({
+        "condition": prof["condition"], "layer": prof["layer"], "n": prof["n_valid"],
+        "PR [95% CI]": [f"{fmt(m, 3)} {_ci(lo, hi)}".strip() if np.isfinite(m) else ""
+                        for m, lo, hi in zip(prof["mean_pr"], prof["pr_ci_low"],
+                                             prof["pr_ci_high"], strict=True)],
+        "prompt PR": prof["mean_pr_prompt"],
+        "R_V by depth [95% CI]": [
+            f"{fmt(m, 3)} {_ci(lo, hi)}".strip() if np.isfinite(m) else ""
+            for m, lo, hi in zip(prof["mean_rv_depth"], prof["rv_ci_low"], prof["rv_ci_high"],
+                                 strict=True)],
+        "reference": prof["reference"], "note": prof["note"],
+    })
+    if with_model:
+        view.insert(0, "model", prof["model"].to_numpy())
+    return view
+
+
+def attention_view(att: pd.DataFrame, with_model: bool) -> pd.DataFrame:
+    """Per condition and layer: mean attention entropy and where the attention goes."""
+    if att.empty:
+        return att
+    att = _natural_first(att)
+    view = pd.DataFrame({
+        "condition": att["condition"], "layer": att["layer"], "n": att["n"],
+        "entropy": att["mean_entropy"], "mass prompt": att["mean_mass_prompt"],
+        "mass generated": att["mean_mass_generated"],
+        "mass patched": att["mean_mass_patched"], "note": att["note"],
+    })
+    if with_model:
+        view.insert(0, "model", att["model"].to_numpy())
+    return view
+
+
 def _section(ident: str, title: str, intro: str = "", table: pd.DataFrame | None = None,
              source: str = "", items: Sequence[tuple[str, str]] = (),
              max_rows: int = MAX_ROWS) -> dict[str, Any]:
@@ -337,6 +381,23 @@ def _appendix(result: StatsResult, notes: Sequence[Note], metrics: Sequence[str]
         out.append(_section("models", "Models side by side",
                             "Every comparison that ran on more than one model, one column set "
                             "per model.", view, f"{STATS_DIR}/models_side_by_side.parquet"))
+    if not result.profiles.empty:
+        out.append(_section(
+            "profiles", "Layer profiles",
+            "Participation ratio of V (last W generated tokens) at each profile layer, its "
+            "prompt-side value, and R_V by depth = PR(layer) / PR(reference layer): the "
+            "cell's early layer when the profile holds it, else the first profile layer "
+            "(column `reference`); means over the ok cells with percentile bootstrap "
+            f"{result.confidence:.0%} intervals. Drawn for natural cells in the figure R_V "
+            "by depth.", profile_view(result.profiles, multi), f"{STATS_DIR}/profiles.parquet"))
+    if not result.attention.empty:
+        out.append(_section(
+            "attention", "Attention by layer",
+            "Mean over cells of each cell's attention entropy and of the attention mass on "
+            "the prompt, on the generated tokens and on the patched positions (the patched "
+            "mass over the cells that patched one), per layer; each cell's value is already "
+            "a mean over its generated queries and the heads.",
+            attention_view(result.attention, multi), f"{STATS_DIR}/attention.parquet"))
     out.append(_section(
         "conditions", "Per condition",
         "Mean and t-based 95% CI of each measure; n counts every cell of the condition, "
@@ -375,6 +436,8 @@ def _grid_summary(result: StatsResult) -> list[str]:
             f"layers: {values('layers')}", f"tokens: {values('tokens')}",
             f"alpha: {values('alpha')}",
         ]
+        if set(patched["during"].dropna()) - {PREFILL}:
+            lines.append(f"during: {values('during')}")
     else:
         lines.append("no patched cells (natural conditions only)")
     return lines

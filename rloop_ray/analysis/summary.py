@@ -42,16 +42,18 @@ from rloop_ray.analysis.comparisons import (
     SUFFICIENCY,
 )
 from rloop_ray.analysis.identity import IdentityCheck, identity_checks, identity_mask
-from rloop_ray.analysis.labels import POINT_COLS, SCORE_PREFIX, numeric, primary_metrics
+from rloop_ray.analysis.labels import SCORE_PREFIX, during_suffix, numeric, primary_metrics
 from rloop_ray.analysis.power import POWER, detectable_effect
 from rloop_ray.analysis.tables import StatsResult
 from rloop_ray.vocab import (
     BASELINE_GROUP,
     NATURAL,
     PATCH_CONTROLS,
+    POINT_COLUMNS,
     RECURSIVE_GROUP,
     SELF,
     STATUS_OK,
+    STEER,
 )
 
 PATCH_COMPARISONS = (SUFFICIENCY, NECESSITY, PATCH_EFFECT)
@@ -304,7 +306,7 @@ def _effect_rows(result: StatsResult, model: str, metrics: Sequence[str]) -> lis
                 if not tr.empty else {})
     rows: list[EffectRow] = []
     for _, r in mine.iterrows():
-        point = tuple(r[c] for c in POINT_COLS)
+        point = tuple(r[c] for c in POINT_COLUMNS)
         peers = by_metric[r["metric"]]
         src, tgt = _groups(str(r["a"]))
         n_pairs, n_a, n_b = int(r["n_pairs"] or 0), int(r["n_a"] or 0), int(r["n_b"] or 0)
@@ -318,8 +320,8 @@ def _effect_rows(result: StatsResult, model: str, metrics: Sequence[str]) -> lis
         )
         row.detectable = (detectable_effect(n_pairs, alpha=q) if row.test == "paired_t"
                           else detectable_effect(n_a, n_b, alpha=q))
-        hit = transfer.get(row.metric, pd.DataFrame(columns=POINT_COLS))
-        for c, v in zip(POINT_COLS, point, strict=True):
+        hit = transfer.get(row.metric, pd.DataFrame(columns=POINT_COLUMNS))
+        for c, v in zip(POINT_COLUMNS, point, strict=True):
             if hit.empty:
                 break
             hit = hit[hit[c].isna()] if c == "alpha" and not np.isfinite(v) else hit[hit[c] == v]
@@ -350,11 +352,15 @@ def _effect_rows(result: StatsResult, model: str, metrics: Sequence[str]) -> lis
 
 
 def _point_text(point: tuple, with_align: bool) -> str:
-    site, mode, layers, tokens, align, alpha = point
-    text = f"{site}/{mode}, layers {layers}, tokens {tokens}"
-    if with_align:
-        text += f", align {align}"
-    return text + f", \u03b1 = {alpha:g}"
+    """`kv/mix, layers 16:32, tokens all, α = 1`; a steer's alpha is its vector's scale,
+    and a point acting during generation says so."""
+    at = dict(zip(POINT_COLUMNS, point, strict=True))
+    text = f"{at['site']}/{at['mode']}, layers {at['layers']}, tokens {at['tokens']}"
+    if with_align and at["mode"] != STEER:
+        text += f", align {at['align']}"
+    strength = "scale" if at["mode"] == STEER else "\u03b1 ="
+    during = during_suffix(at["during"]).replace("=", " ")
+    return text + f", {strength} {at['alpha']:g}" + (f",{during}" if during else "")
 
 
 def point_text(row: EffectRow, with_align: bool = False) -> str:

@@ -40,6 +40,12 @@ from rloop_ray.analysis.effects import (
 from rloop_ray.analysis.estimators import fdr_adjust
 from rloop_ray.analysis.labels import metric_columns
 from rloop_ray.analysis.load import ResultSet, load_results
+from rloop_ray.analysis.profiles import (
+    ATTENTION_TABLE_COLUMNS,
+    PROFILE_COLUMNS,
+    attention_table,
+    profile_table,
+)
 
 STATS_DIR = "stats"
 SUMMARY_FILE = "summary.json"
@@ -64,6 +70,11 @@ class StatsResult:
     q: float
     confidence: float
     settings: dict[str, Any] = field(default_factory=dict)
+    profiles: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROFILE_COLUMNS))
+    """Per condition and profile layer: PR and R_V by depth (analysis/profiles.py)."""
+    attention: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=ATTENTION_TABLE_COLUMNS))
+    """Per condition and layer: attention entropy and masses (analysis/profiles.py)."""
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Name -> table, as written under `stats/` (one Parquet file each)."""
@@ -76,6 +87,8 @@ class StatsResult:
             "models_side_by_side": self.side_by_side,
             "models_transfer": self.transfer_side_by_side,
             "failures": self.failures,
+            "profiles": self.profiles,
+            "attention": self.attention,
         }
 
 
@@ -158,6 +171,9 @@ def compute_stats(
         failures=failure_summary(cells, results.failures),
         completeness=completeness(results), fdr_family_size=family, q=q,
         confidence=confidence, settings=settings,
+        profiles=profile_table(cells, seed=seed, n_resamples=n_resamples,
+                               confidence=confidence),
+        attention=attention_table(cells),
     )
 
 
