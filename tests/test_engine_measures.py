@@ -1,4 +1,5 @@
-"""Oracles of the second-wave measures (docs/semantics.md: next-token distribution, layer profile, attention).
+"""Oracles of the second-wave measures (docs/semantics.md: next-token distribution,
+layer profile, attention).
 
 `kl_from_natural` and `top_logprobs` against a plain forward with a plain `v_proj` hook,
 `token_logprobs` against teacher forcing, `pr_by_layer` against `pr_early`/`pr_late`,
