@@ -30,6 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats as sstats
 
 from rloop_ray.analysis.comparisons import (
@@ -610,6 +611,7 @@ def rv_by_depth(result: StatsResult, out_dir: Path) -> FigureInfo | None:
         refs = sorted({r for r in mine["reference"] if r})
         ax.axhline(1.0, color="dimgrey", linewidth=0.8, linestyle=":")
         ax.set_xlabel("layer", fontsize=FONT)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_ylabel("PR(layer) / PR(reference)", fontsize=FONT)
         ax.tick_params(labelsize=SMALL)
         ax.set_title(f"{model}\nreference: {'; '.join(refs)}", fontsize=FONT)
