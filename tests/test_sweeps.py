@@ -23,7 +23,10 @@ SWEEPS_DIR = REPO / "sweeps"
 ALL = sorted(SWEEPS_DIR.rglob("*.yaml"))
 NESTED = [p for p in ALL if p.parent != SWEEPS_DIR]
 CLAIM_SWEEPS = sorted(SWEEPS_DIR.glob("p[1-9]_*.yaml"))
+NEXT_SWEEPS = sorted(SWEEPS_DIR.glob("next_*.yaml"))
+"""The earlier work's own next steps (docs/findings.md), one grid per question."""
 SMOLLM2 = sorted((SWEEPS_DIR / "smollm2").glob("*.yaml"))
+ONE_TARGET_BANK = REPO / "banks" / "one_target"
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -69,14 +72,17 @@ def test_layer_specs_fit_models_of_any_depth(path: Path, n_layers: int) -> None:
         assert rep.early_layer < rep.late_layer
 
 
-@pytest.mark.parametrize("path", CLAIM_SWEEPS, ids=_ids(CLAIM_SWEEPS))
+@pytest.mark.parametrize("path", CLAIM_SWEEPS + NEXT_SWEEPS, ids=_ids(CLAIM_SWEEPS + NEXT_SWEEPS))
 def test_claim_sweeps_run_both_8b_models_and_take_one_model_flag(path: Path) -> None:
     spec = load_spec(path)
     assert {m.name_or_path for m in spec.models} == {
         "meta-llama/Meta-Llama-3-8B-Instruct",
         "mistralai/Mistral-7B-v0.1",
     }
-    assert f"P{path.name[1]}" in spec.retests
+    if path in CLAIM_SWEEPS:
+        assert f"P{path.name[1]}" in spec.retests
+    else:
+        assert spec.retests, path.name
     g = build_grid(spec, models_override=["smollm2-135m"])
     assert [m.id for m in g.models] == ["smollm2-135m"]
     assert len(g.cells) * 2 == len(_grid(path).cells)
@@ -130,3 +136,51 @@ def test_smollm2_variants_are_small(path: Path) -> None:
     assert [m.name_or_path for m in g.models] == ["smollm2-135m"]
     assert len(g.cells) <= 400
     assert g.spec.resources.gpus_per_replica == 0
+
+
+def test_every_full_sweep_has_its_reduced_twin() -> None:
+    """Each 8B grid of a claim or next step has a builtin-model copy under smollm2/."""
+    reduced = {p.name for p in SMOLLM2}
+    full = {p.name for p in CLAIM_SWEEPS + NEXT_SWEEPS} - {"p1_rv_layers_78.yaml",
+                                                           "p1_rv_layers_84.yaml"}
+    assert full <= reduced, sorted(full - reduced)
+    for name in sorted(full):
+        assert load_spec(SWEEPS_DIR / "smollm2" / name).retests == load_spec(
+            SWEEPS_DIR / name).retests, name
+
+
+def test_p4_patches_during_generation() -> None:
+    for path in (SWEEPS_DIR / "p4_resid_patch.yaml", SWEEPS_DIR / "smollm2/p4_resid_patch.yaml"):
+        during = {c.during for c in _grid(path).cells if c.control == "patch"}
+        assert "generation" in during, path
+
+
+def test_next_steps_use_the_new_capabilities() -> None:
+    def cells(name: str) -> list:
+        return [c for c in _grid(SWEEPS_DIR / name).cells if c.control == "patch"]
+
+    for prefix in ("", "smollm2/"):
+        kw = cells(f"{prefix}next_keyword_positions.yaml")
+        assert kw and all(c.tokens.startswith("match:") for c in kw)
+        assert {c.target_group for c in kw} == {"recursive"}  # baseline prompts have none
+        steer = cells(f"{prefix}next_vsteer_alpha2.yaml")
+        assert {(c.site, c.mode, c.alpha) for c in steer} == {("v_proj", "steer", 2.0)}
+        assert len({c.during for c in steer}) == 1  # the analysis does not group by during
+        thirds = {c.tokens for c in cells(f"{prefix}next_position_thirds.yaml")}
+        assert {"first:25%", "mid:50%", "last:25%"} <= thirds
+        level = cells(f"{prefix}next_source_level.yaml")
+        assert len({c.target_id for c in level}) == 1
+        assert sorted({c.source_level for c in level}) == [1, 2, 3, 4, 5]
+        assert load_spec(SWEEPS_DIR / f"{prefix}next_attention_kv_swap.yaml").measure.attention
+        assert load_spec(SWEEPS_DIR / f"{prefix}next_rv_profile.yaml").measure.layers == "all"
+        assert load_spec(SWEEPS_DIR / f"{prefix}next_rv_with_cache.yaml").measure.trajectory
+
+
+def test_the_one_target_bank_copies_the_main_bank() -> None:
+    """banks/one_target/ = base-001 verbatim + a link to prompts/recursive.yaml."""
+    from rloop_ray.prompts import PromptBank
+
+    one, main = PromptBank.load(ONE_TARGET_BANK), PromptBank.load(REPO / "prompts")
+    assert one.groups() == {"baseline": 1, "recursive": 100}
+    for p in one:
+        assert p.text_hash == main.get(p.id).text_hash, p.id
