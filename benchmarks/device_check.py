@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import platform
@@ -183,15 +182,12 @@ def shapes(names: Sequence[str], *, small: bool, tokenizer_len: int,
 def check_transformers() -> str | None:
     """Why this transformers cannot run the engine, or None.
 
-    The engine passes its cache as `cache=` (transformers >= 5.24; earlier 5.x releases
-    call it `past_key_values` and would hand `cache` on to attention unread)."""
-    from transformers.models.llama.modeling_llama import LlamaModel
-
-    if "cache" not in inspect.signature(LlamaModel.forward).parameters:
-        return (f"transformers {transformers.__version__} has no `cache` argument on the "
-                "model forward (it arrived in 5.24, replacing `past_key_values`), which the "
-                "engine uses; install transformers>=5.24 (docs/gpu.md: carrying the wheel "
-                "to a GPU machine without network)")
+    The engine passes its cache under the keyword the model's forward takes (`cache`
+    from transformers 5.24, `past_key_values` before: `decode.cache_argument`), and is
+    tested on 5.17 (the GPU image's) and 5.25; 4.x lacks the cache layers it builds on."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return (f"transformers {transformers.__version__}: the engine needs transformers 5 "
+                "(its per-layer cache objects)")
     return None
 
 
@@ -608,7 +604,8 @@ def hf_generate(engine: Any, states: Sequence[Any], n_new: int) -> list[list[int
         mask[b, t_max - n:] = 1
     cache = DynamicCache(ddp_cache_data=data)
     with no_eos(model):
-        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+        out = model.generate(input_ids=ids, attention_mask=mask,
+                             **{engine._decoder.cache_kw: cache},
                              max_new_tokens=n_new, do_sample=False,
                              pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     return [row.tolist() for row in out[:, t_max + 1:]]

@@ -79,14 +79,15 @@ def reference(engine: Engine, cells: list[CellRequest]) -> list[list[int]]:
     from rloop_ray.engine.selectors import resolve_layers
 
     model = engine.model
+    kw = engine._decoder.cache_kw  # `cache` or, before transformers 5.24, `past_key_values`
     outs = []
     for cell in cells:
         t_ids = engine.tokenize(cell.target_text)
         s_ids = engine.tokenize(cell.source_text or cell.target_text)
         t_cache = DynamicCache()
-        model(input_ids=torch.tensor([t_ids[:-1]]), cache=t_cache, use_cache=True)
+        model(input_ids=torch.tensor([t_ids[:-1]]), use_cache=True, **{kw: t_cache})
         s_cache = DynamicCache()
-        model(input_ids=torch.tensor([s_ids[:-1]]), cache=s_cache, use_cache=True)
+        model(input_ids=torch.tensor([s_ids[:-1]]), use_cache=True, **{kw: s_cache})
         iv = cell.intervention
         pmap = position_map(iv.tokens, iv.align, len(t_ids) - 1, len(s_ids) - 1)
         layers = set(resolve_layers(iv.layers, engine.n_layers))
@@ -101,7 +102,8 @@ def reference(engine: Engine, cells: list[CellRequest]) -> list[list[int]]:
         token = t_ids[-1]
         generated = []
         for _ in range(cell.generation.max_new_tokens):
-            logits = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits
+            logits = model(input_ids=torch.tensor([[token]]), use_cache=True,
+                           **{kw: cache}).logits
             token = int(logits[0, -1].argmax())
             generated.append(token)
         outs.append(generated)
@@ -125,6 +127,7 @@ def peer(engine: Engine, states: list[PatchedState], n_new: int, stop_at_eos: bo
     which generate feeds first); positions follow from the mask, as HF computes them for
     left padding, so each row sees its own positions 0..n."""
     model, tok = engine.model, engine.tokenizer
+    kw = engine._decoder.cache_kw
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t_max = max(s.cache_lengths[0] for s in states)
     bsz = len(states)
@@ -147,7 +150,7 @@ def peer(engine: Engine, states: list[PatchedState], n_new: int, stop_at_eos: bo
         mask[b, t_max - n:] = 1
     cache = DynamicCache(ddp_cache_data=data)
     eos = sorted(engine._decoder.eos) if stop_at_eos else None
-    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+    out = model.generate(input_ids=ids, attention_mask=mask, **{kw: cache},
                          max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
                          pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     rows = []

@@ -126,8 +126,9 @@ def test_captured_activations_equal_hooks_on_a_teacher_forced_forward(engines, m
         assert got.shape == (engine.n_layers, len(gen.ids), ref[name][0].shape[-1])
         for layer in range(engine.n_layers):
             want = ref[name][layer][len(prompt):len(prompt) + len(gen.ids)]
+            # one token per step vs all at once: float32 round-off of a few 1e-5
             torch.testing.assert_close(torch.from_numpy(got[layer]), want.float(),
-                                       rtol=1e-4, atol=1e-5)
+                                       rtol=1e-4, atol=5e-5)
     assert count_hooks(engine.model) == 0
     # the V captured during generation is the V that R_V measures
     late = gen.measures["layer_late"]

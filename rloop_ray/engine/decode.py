@@ -18,6 +18,7 @@ profile layers for `pr_by_layer`.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -88,6 +89,14 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its cache by: `cache` from transformers 5.24,
+    `past_key_values` before (GPU images often pin an older release). Read off the
+    signature, so a cache is never passed under a name the model would silently drop."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
            reserve: int) -> DynamicCache:
     """A DynamicCache over per-layer (B, H, T_l, D) tensors with `reserve` free slots."""
@@ -149,6 +158,7 @@ class Decoder:
         self.check_context = check_context
         self.natural_logprobs = natural_logprobs
         self.device = next(model.parameters()).device
+        self.cache_kw = cache_argument(model)
 
     # ------------------------------------------------------------------ batching
     def stack(self, rows: Sequence[PatchedState]) -> tuple[
@@ -199,8 +209,8 @@ class Decoder:
                 built[key2] = attention.decode_mask(valid[layer], q_len, self.windows[layer])
             masks.append(built[key2])
         with attention.layer_masks(masks):
-            out = self.model(input_ids=input_ids, position_ids=positions, cache=cache,
-                             use_cache=True)
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True,
+                             **{self.cache_kw: cache})
         return out.logits.float()
 
     @staticmethod

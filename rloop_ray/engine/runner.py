@@ -362,7 +362,8 @@ class Engine:
         cache = DynamicCache()  # no config: every layer keeps every position
         with hooks(pairs):
             # only the cache is wanted: skip the (T x vocab) logits of every prompt position
-            self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                       **{self._decoder.cache_kw: cache})
         return cache
 
     def _check_context(self, n_positions: int) -> None:
