@@ -188,6 +188,27 @@ def test_steering_vector_equals_hand_computed_difference_of_means(engines):
         assert vec.norm > 0 and len(vec.id) == 16
 
 
+def test_groups_are_encoded_once_for_every_layer_control_and_seed(engines, monkeypatch):
+    """A grid's random-control seeds and layer points share one group difference: the
+    groups' prompts are encoded once (re-encoding them per cell made steer sweeps crawl)."""
+    from rloop_ray.engine import Engine
+
+    e = Engine("tiny-llama")
+    calls = []
+    real_encode = e._encode_one
+    monkeypatch.setattr(e, "_encode_one",
+                        lambda *a, **k: calls.append(a[0]) or real_encode(*a, **k))
+    first = e.steering_vector("resid", [1], "all", STEER)
+    n_first = len(calls)
+    assert n_first == len(SOURCES) + len(TARGETS)
+    for layers in ([1], [1, 2], [3]):
+        for control, seed in (("patch", 0), ("random", 1), ("random", 2), ("self", 0)):
+            e.steering_vector("resid", layers, "all", STEER, control=control, seed=seed)
+    assert len(calls) == n_first
+    again = e.steering_vector("resid", [1, 2], "all", STEER)
+    torch.testing.assert_close(again.vectors[1], first.vectors[1], rtol=0, atol=0)
+
+
 def test_steer_alpha_zero_and_self_are_natural(engines):
     e = engines("tiny-llama")
     natural = _ids(e.generate(e.encode(TARGETS), GEN, MEASURE))

@@ -47,7 +47,12 @@ from rloop_ray.engine.selectors import (
     token_texts_of,
 )
 from rloop_ray.engine.states import PatchedState, PromptState
-from rloop_ray.engine.steering import SteeringVector, difference_of_means
+from rloop_ray.engine.steering import (
+    GroupDifference,
+    SteeringVector,
+    difference_of_means,
+    group_difference,
+)
 from rloop_ray.engine.types import (
     CACHE_SITES,
     CONTROLS,
@@ -223,6 +228,7 @@ class Engine:
         self._windows = [self.adapter.sliding_window(i) for i in range(self.n_layers)]
         self._prompts: OrderedDict[str, PromptState] = OrderedDict()
         self._steering: dict[tuple, SteeringVector] = {}
+        self._steer_bases: dict[tuple, GroupDifference] = {}
         self._prompt_cache_size = prompt_cache_size
         self._eos = self._eos_ids()
         self._max_positions = getattr(self.model.config.get_text_config(),
@@ -642,16 +648,24 @@ class Engine:
     def steering_vector(self, site: str, layers: Sequence[int], tokens: str,
                         steer: SteerSource, control: str = "patch", seed: int = 0
                         ) -> SteeringVector:
-        """The difference-of-means vector of a steer cell (`steering.py`), computed once
-        per distinct (site, layers, tokens, groups, control) and kept."""
+        """The difference-of-means vector of a steer cell (`steering.py`). The groups'
+        difference is computed once per (site, tokens, groups) at every layer, and each
+        cell's layers, control and seed are applied to it: a grid's random-control seeds
+        and layer points never encode the groups' prompts again."""
         key = (site, tuple(layers), tokens, steer, control, seed if control != SELF else 0)
         found = self._steering.get(key)
         if found is None:
-            found = difference_of_means(
-                steer, model=self.model_name, site=site, layers=list(layers), tokens=tokens,
-                control=control, seed=seed,
-                encode=lambda text: self._encode_one(text, (site,), None),
-                select=lambda state: self._positions(tokens, state))
+            base_key = (site, tokens, steer)
+            base = self._steer_bases.get(base_key)
+            if base is None:
+                base = group_difference(
+                    steer, site=site, layers=list(range(self.n_layers)),
+                    encode=lambda text: self._encode_one(text, (site,), None),
+                    select=lambda state: self._positions(tokens, state))
+                self._steer_bases[base_key] = base
+            found = difference_of_means(steer, model=self.model_name, site=site,
+                                        layers=list(layers), tokens=tokens, control=control,
+                                        seed=seed, base=base)
             self._steering[key] = found
         return found
 

@@ -67,18 +67,43 @@ def _group_mean(texts: Sequence[str], encode: Callable[[str], PromptState], name
     return {layer: v / used for layer, v in sums.items()}, used
 
 
-def difference_of_means(steer: SteerSource, *, model: str, site: str, layers: Sequence[int],
-                        tokens: str, control: str, seed: int,
-                        encode: Callable[[str], PromptState],
-                        select: Callable[[PromptState], list[int]]) -> SteeringVector:
-    """The steering vector of a steer cell. `encode(text)` gives a prompt state with the
-    site's prefill activations captured; `select(state)` the positions averaged over."""
+@dataclass(frozen=True)
+class GroupDifference:
+    """mean(source group) - mean(target group) at every layer, before any control: what
+    every steer cell of one (site, token selection, groups) shares, whatever its layers,
+    control or seed, so the groups' prompts are encoded and averaged once."""
+
+    vectors: dict[int, torch.Tensor]  # layer -> (D,) float32
+    n_source_prompts: int
+    n_target_prompts: int
+
+
+def group_difference(steer: SteerSource, *, site: str, layers: Sequence[int],
+                     encode: Callable[[str], PromptState],
+                     select: Callable[[PromptState], list[int]]) -> GroupDifference:
+    """The raw difference of the two groups' means at `layers`. `encode(text)` gives a
+    prompt state with the site's prefill activations captured; `select(state)` the
+    positions averaged over."""
     name = site  # the steer sites are module names themselves (resid, v_proj)
     src, n_src = _group_mean(steer.source_texts, encode, name, layers, select,
                              steer.source_group)
     tgt, n_tgt = _group_mean(steer.target_texts, encode, name, layers, select,
                              steer.target_group)
-    vectors = {layer: src[layer] - tgt[layer] for layer in layers}
+    return GroupDifference({layer: src[layer] - tgt[layer] for layer in layers}, n_src, n_tgt)
+
+
+def difference_of_means(steer: SteerSource, *, model: str, site: str, layers: Sequence[int],
+                        tokens: str, control: str, seed: int,
+                        encode: Callable[[str], PromptState] | None = None,
+                        select: Callable[[PromptState], list[int]] | None = None,
+                        base: GroupDifference | None = None) -> SteeringVector:
+    """The steering vector of a steer cell: the groups' difference at `layers` (from
+    `base` when given, else computed with `encode` and `select`), as its control sees it."""
+    if base is None:
+        if encode is None or select is None:
+            raise ValueError("difference_of_means needs `base` or both `encode` and `select`")
+        base = group_difference(steer, site=site, layers=layers, encode=encode, select=select)
+    vectors = {layer: base.vectors[layer] for layer in layers}
     if control == SELF:
         vectors = {layer: torch.zeros_like(v) for layer, v in vectors.items()}
     elif control == RANDOM:
@@ -90,4 +115,4 @@ def difference_of_means(steer: SteerSource, *, model: str, site: str, layers: Se
         vectors = out
     norm = float(torch.stack([v.norm() for v in vectors.values()]).mean())
     return SteeringVector(steer_id(model, site, layers, tokens, control, seed, steer),
-                          vectors, norm, n_src, n_tgt)
+                          vectors, norm, base.n_source_prompts, base.n_target_prompts)
