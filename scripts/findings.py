@@ -145,7 +145,8 @@ def cmp(sweep: str, comparison: str, metric: str = LOGPROB, **where: object) -> 
             f"{int(row['n_b'] - row['n_nan_b'] - row['n_failed_b'])}")
         d = float(row["cohens_d"])
         if not math.isfinite(d):
-            return Value(f"{NAMES.get(metric, metric)}: no test ({row['note'] or 'no data'})")
+            note = str(row["note"] or "no data").removesuffix(": no test")
+            return Value(f"{NAMES.get(metric, metric)}: no test ({note})")
         text = (f"{NAMES.get(metric, metric)} d = {fmt_d(d)} [{row['d_ci_low']:.2f}, "
                 f"{row['d_ci_high']:.2f}], p_fdr = {fmt_p(row['p_fdr'])} ({n_text})")
         n_a = int(row["n_pairs"]) if paired else int(row["n_a"] - row["n_nan_a"])
@@ -258,7 +259,7 @@ def layer_tests(sweep: str, name: str, column: str, a: str, b: str, model: str,
     return res_df
 
 
-def layer_summary(sweep: str, name: str, column: str, a: str, b: str, what: str,
+def layer_summary(sweep: str, name: str, column: str, a: str, b: str,
                   paired: bool = False) -> Query:
     """How many layers differ (BH over layers), and the layer with the largest |d|."""
 
@@ -268,7 +269,7 @@ def layer_summary(sweep: str, name: str, column: str, a: str, b: str, what: str,
         best = t.loc[t["d"].abs().idxmax()]
         n_b = None if paired else int(best["n_b"])
         layers = ", ".join(str(x) for x in sig["layer"]) or "none"
-        text = (f"{what}: {len(sig)} of {len(t)} layers with p_fdr < {Q} ({layers}); "
+        text = (f"{len(sig)} of {len(t)} layers with p_fdr < {Q} ({layers}); "
                 f"largest at L{int(best['layer'])}: {best['mean_a']:.3f} vs "
                 f"{best['mean_b']:.3f}, d = {fmt_d(best['d'])}, p_fdr = "
                 f"{fmt_p(best['p_fdr'])}")
@@ -299,6 +300,7 @@ class Finding:
     tests: tuple[Test, ...]
     controls: tuple[tuple[str, Query], ...] = ()
     not_testable: dict[str, str] = field(default_factory=dict)
+    caveat: str = ""  # a fact of the design (never a number), shown under the verdicts
 
 
 def judge(test: Test, value: Value) -> str:
@@ -367,6 +369,8 @@ def findings_table(findings: Sequence[Finding], values: dict[str, str]) -> str:
                    if f"{prefix}.ctl{i}" in values]
             if ctl:
                 controls.append(f"{name}: " + "; ".join(ctl))
+        if f.caveat:
+            verdicts.append(f"*{f.caveat}*")
         row = [f"[{f.key}](#{f.key.lower()})", f.question, f.reported, *cells,
                "<br>".join(verdicts), "<br>".join(controls) or "—"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
@@ -451,7 +455,9 @@ def findings() -> list[Finding]:
                  ("random vs patch (C, all)",
                   ctl(P4, "random", "baseline", vs_patch=True, **at("all", **GEN))),
                  ("random vs patch (D, all)",
-                  ctl(P4, "random", "recursive", vs_patch=True, **at("all", **GEN))))),
+                  ctl(P4, "random", "recursive", vs_patch=True, **at("all", **GEN)))),
+                caveat="any layer set with the last layer, at alpha 1 during generation, "
+                       "gives the target the source's logits: a positive control"),
         Finding("P5", "a whole-cache KV swap transfers the behaviour",
                 "C 4.11 vs A 0.35 (0-10), d = +1.19; 63.6% transfer", P5,
                 (Test("C vs A, transplant, logprob", suff(P5, **TRANSPLANT_ALL), "+"),
@@ -462,7 +468,9 @@ def findings() -> list[Finding]:
                  ("shuffle vs patch",
                   ctl(P5, "shuffle", "baseline", vs_patch=True, **TRANSPLANT_ALL)),
                  ("position-aligned mix C vs A", suff(P5, **MIX_ALL)),
-                 ("shuffle (mix) vs A", ctl(P5, "shuffle", "baseline", **MIX_ALL)))),
+                 ("shuffle (mix) vs A", ctl(P5, "shuffle", "baseline", **MIX_ALL))),
+                caveat="an all-layer transplant is the source prompt continued: read C "
+                       "against B"),
         Finding("P6", "only late layers carry it",
                 "16-32: 79.8%, 0-16: 2.3%, 0-32: 89.7% (% transfer)", P6,
                 (Test("C vs A, transplant 50%:100%",
@@ -528,16 +536,15 @@ def findings() -> list[Finding]:
                 (Test("C (mix all) vs A, entropy",
                       layer_summary(N_ATT, "attention", "entropy",
                                     "C: patch recursive->baseline @ kv/mix L=all T=all "
-                                    "align=end alpha=1", NAT_A, "entropy", paired=True), "?"),
+                                    "align=end alpha=1", NAT_A, paired=True), "?"),
                  Test("C (transplant all) vs A, entropy",
                       layer_summary(N_ATT, "attention", "entropy",
                                     "C: patch recursive->baseline @ kv/transplant L=all "
-                                    "T=all align=start alpha=1", NAT_A, "entropy",
-                                    paired=True), "?")),
+                                    "T=all align=start alpha=1", NAT_A, paired=True), "?")),
                 (("random (mix all) vs A, entropy",
                   layer_summary(N_ATT, "attention", "entropy",
                                 "random recursive->baseline @ kv/mix L=all T=all align=end "
-                                "alpha=1", NAT_A, "entropy", paired=True)),)),
+                                "alpha=1", NAT_A, paired=True)),)),
         Finding("N5", "transfer by source recursion level, L1..L5 into one constant target",
                 "next step", N_LEVEL,
                 (Test("source level vs logprob (mix late half)",
@@ -553,23 +560,24 @@ def findings() -> list[Finding]:
                  Test("D vs B, late half", nec(N_STEER, **at("50%:100%", mode="steer")), "?")),
                 (("random direction vs patch (C, late half)",
                   ctl(N_STEER, "random", "baseline", vs_patch=True,
-                      **at("50%:100%", mode="steer"))),)),
+                      **at("50%:100%", mode="steer"))),
+                 ("keywords, C vs A, late half",
+                  suff(N_STEER, KEYWORDS, **at("50%:100%", mode="steer"))),
+                 ("keywords, D vs B, late half",
+                  nec(N_STEER, KEYWORDS, **at("50%:100%", mode="steer"))))),
         Finding("N7", "single-layer R_V profile across depth, one pass", "next step (P1)",
                 N_PROFILE,
                 (Test("prompt-side R_V by depth, B vs A",
-                      layer_summary(N_PROFILE, "profile", "rv_prompt_depth", NAT_B, NAT_A,
-                                    "R_V(l)"), "?"),
+                      layer_summary(N_PROFILE, "profile", "rv_prompt_depth", NAT_B, NAT_A), "?"),
                  Test("generated R_V by depth, B vs A",
-                      layer_summary(N_PROFILE, "profile", "rv_depth", NAT_B, NAT_A,
-                                    "R_V(l)"), "?")),
+                      layer_summary(N_PROFILE, "profile", "rv_depth", NAT_B, NAT_A), "?")),
                 (("prompt-side, B vs long control",
-                  layer_summary(N_PROFILE, "profile", "rv_prompt_depth", NAT_B, NAT_L,
-                                "R_V(l)")),)),
+                  layer_summary(N_PROFILE, "profile", "rv_prompt_depth", NAT_B, NAT_L)),)),
     ]
 
 
 def values() -> dict[str, str]:
-    out: dict[str, str] = {}
+    out: dict[str, str] = {f"power.{n}": f"{detectable_effect(n, None):.2f}" for n in (12, 15, 20)}
     for f in findings():
         for model in MODELS:
             out.update(finding_values(f, model))
@@ -589,8 +597,9 @@ def runs_table(findings: Sequence[Finding]) -> str:
         by_model = {m["model"]: m for m in json.loads(path.read_text())["completeness"]["by_model"]}
         cells = [f"{by_model[m]['ok']} / {by_model[m]['planned']} ({by_model[m]['failed']})"
                  if m in by_model else "not run" for m in MODELS]
-        lines.append(f"| {f.key} | [`{f.sweep}`](findings/{f.sweep}/report.md) | " + " | ".join(cells)
-                     + " |")
+        report = "report.md" if (FINDINGS_DIR / f.sweep / "report.md").exists() else "stats/"
+        link = f"[`{f.sweep}`](findings/{f.sweep}/{report})"
+        lines.append(f"| {f.key} | {link} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -658,8 +667,9 @@ def _extras(sweep_dir: Path, out: Path) -> list[str]:
 
 
 FIGURES = re.compile(r"^(transfer_heatmap_score_logprob_contrast|alpha_dose_score_logprob_contrast"
-                     r"|rv_by_group$|rv_trajectory$|rv_by_depth|attention)")
-"""The figures worth committing (PNG only); the report's other figures stay in results/."""
+                     r"|rv_trajectory$|rv_by_depth|attention)")
+"""The figures worth committing (PNG only), plus `rv_by_group` for natural-only sweeps;
+the report's other figures stay in results/."""
 
 
 def _local_links(report: str, dest: Path, name: str) -> str:
@@ -689,8 +699,10 @@ def collect(sweep_dir: Path) -> Path:
         shutil.copy2(f, dest / "stats" / f.name)
     if (sweep_dir / "figures").is_dir():
         (dest / "figures").mkdir()
-        for f in sorted((sweep_dir / "figures").glob("*.png")):
-            if FIGURES.match(f.stem):
+        pngs = sorted((sweep_dir / "figures").glob("*.png"))
+        patched = any(f.stem.startswith("transfer_heatmap") for f in pngs)
+        for f in pngs:
+            if FIGURES.match(f.stem) or (f.stem == "rv_by_group" and not patched):
                 shutil.copy2(f, dest / "figures" / f.name)
     if (sweep_dir / "report.md").exists():
         (dest / "report.md").write_text(_local_links((sweep_dir / "report.md").read_text(),
