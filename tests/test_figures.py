@@ -230,3 +230,13 @@ def test_cli_stats_on_an_object_store_needs_out(tmp_path):
     assert done.exit_code == 0, done.output
     assert (out / "report.md").is_file() and (out / "stats" / "comparisons.parquet").is_file()
     assert f"from `{sw.path}`" in (out / "report.md").read_text()
+
+
+def test_trajectories_of_a_natural_only_sweep_are_drawn(tmp_path):
+    """A grid of natural cells only (P9's): no patched cell to draw, the natural lines
+    still are (an empty selection once indexed columns instead of rows: KeyError)."""
+    sw = make_sweep(tmp_path, "natural_only", n_prompts=6, controls=(),
+                    skip=lambda row: row["control"] != "natural")
+    out = report.write_report(sw.path, n_resamples=N_BOOT)
+    drawn = {f.name for f in out.figures if f.path is not None}
+    assert "rv_trajectory" in drawn

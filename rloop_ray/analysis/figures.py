@@ -541,9 +541,10 @@ def rv_trajectories(result: StatsResult, out_dir: Path, max_points: int = 4) -> 
         for group, sub in mine[mine["is_natural"]].groupby("target_group", sort=True):
             lines.append((f"natural {group}", sub["rv_trajectory"]))
         patched = mine[mine["letter"].isin(["C", "D"])]
-        patched = patched[[identity_kind(c, m, a) is None for c, m, a in
-                           zip(patched["control"], patched["mode"], patched["alpha"],
-                               strict=True)]]
+        # a boolean array, not a list: an empty list would select no *columns*
+        patched = patched[np.array([identity_kind(c, m, a) is None for c, m, a in
+                                    zip(patched["control"], patched["mode"], patched["alpha"],
+                                        strict=True)], dtype=bool)]
         points = sorted(patched["point"].unique())[:max_points]
         for point in points:
             for letter, sub in patched[patched["point"] == point].groupby("letter", sort=True):
