@@ -165,7 +165,7 @@ def test_next_steps_use_the_new_capabilities() -> None:
         assert {c.target_group for c in kw} == {"recursive"}  # baseline prompts have none
         steer = cells(f"{prefix}next_vsteer_alpha2.yaml")
         assert {(c.site, c.mode, c.alpha) for c in steer} == {("v_proj", "steer", 2.0)}
-        assert len({c.during for c in steer}) == 1  # the analysis does not group by during
+        assert {c.during for c in steer} == {"both"}  # the steered run: prompt and generation
         thirds = {c.tokens for c in cells(f"{prefix}next_position_thirds.yaml")}
         assert {"first:25%", "mid:50%", "last:25%"} <= thirds
         level = cells(f"{prefix}next_source_level.yaml")
