@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default=str(REPO / "sweeps" / "quickstart.yaml"))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--runs", default="local,ray,local+derive",
+    parser.add_argument("--runs", default="local,ray,local+derive,ray+derive",
                         help="sweeps to time: BACKEND or BACKEND+derive (cells natural by "
                              "construction copied from their natural twin)")
     args = parser.parse_args()

@@ -961,26 +961,33 @@ def _plan(
 
 
 def _pack(tasks: list[_Task], pack_cells: int) -> list[_Task]:
-    """Merge consecutive small tasks (same attempt) into tasks of up to `pack_cells` cells.
+    """Tasks of exactly `pack_cells` cells (the last of an attempt may be short).
 
     A unit is all cells of one (source, target) pair; natural-only sweeps have one cell
     per unit, and a batch of one wastes most of a decode step. The engine packs rows of
     different prompts into one batch (left padding, exact), so one call can serve many
-    units. Rows keep their own unit ids (from the cell coordinates).
+    units, and a unit may be split between two calls: every row keeps its own unit id
+    (from the cell coordinates), and resume and derivation work per cell. Filling each
+    call to the engine's batch size is what lets a sweep run at the engine's own speed:
+    whole units only (6 + 6 cells of 16) leave a quarter of each batch empty.
     """
     if pack_cells <= 1:
         return tasks
     packed: list[_Task] = []
     for task in tasks:
-        last = packed[-1] if packed else None
-        if (last is not None and last.attempt == task.attempt
-                and len(last.requests) + len(task.requests) <= pack_cells):
-            n_units = last.unit_id.count("+") + 2
-            base = last.unit_id.split("+")[0]
-            packed[-1] = _Task(f"{base}+{n_units - 1}", last.model,
-                               [*last.requests, *task.requests], last.attempt)
-        else:
-            packed.append(task)
+        requests = list(task.requests)
+        while requests:
+            last = packed[-1] if packed else None
+            room = pack_cells - len(last.requests) if last is not None else 0
+            if last is None or last.attempt != task.attempt or room <= 0:
+                packed.append(_Task(task.unit_id, task.model, requests[:pack_cells],
+                                    task.attempt))
+                requests = requests[pack_cells:]
+                continue
+            base, _, more = last.unit_id.partition("+")  # "u0+2": u0 and 2 more units
+            packed[-1] = _Task(f"{base}+{int(more or 0) + 1}", last.model,
+                               [*last.requests, *requests[:room]], last.attempt)
+            requests = requests[room:]
     return packed
 
 

@@ -304,14 +304,16 @@ def test_cli_sweep_and_status_on_a_real_grid(ray_local, tmp_path, monkeypatch):
     assert lines["m1"] == ["10", "10", "0", "0"] and lines["total"] == ["20", "20", "0", "0"]
 
 
-def test_small_units_are_packed_into_batches_without_losing_cells():
+def test_units_are_packed_into_full_batches_without_losing_cells():
     from rloop_ray.driver import _pack, _Task
 
     tasks = [_Task(f"u{i}", "m", [f"r{i}.{j}" for j in range(n)], 1)  # type: ignore[misc]
              for i, n in enumerate([1, 1, 1, 5, 1, 2])]
     tasks.append(_Task("retry", "m", ["x"], 2))  # other attempts are never merged
     packed = _pack(tasks, 4)
-    assert [len(t.requests) for t in packed] == [3, 5, 3, 1]
+    # every call but an attempt's last is full: a unit may be split between two calls
+    assert [len(t.requests) for t in packed] == [4, 4, 3, 1]
     assert [r for t in packed for r in t.requests] == [r for t in tasks for r in t.requests]
-    assert packed[0].unit_id == "u0+2" and packed[-1].attempt == 2
+    assert packed[0].unit_id == "u0+3" and packed[1].unit_id == "u3"
+    assert packed[-1].attempt == 2
     assert _pack(tasks, 1) == tasks
