@@ -165,6 +165,30 @@ def peer(engine: Engine, states: list[PatchedState], n_new: int, stop_at_eos: bo
     return rows
 
 
+@torch.no_grad()
+def forward_floor(engine: Engine, states: list[PatchedState], n_new: int) -> list[list[int]]:
+    """The model's own forwards and nothing else: every row decoded greedily for `n_new`
+    steps in one padded batch (the engine's masks and preallocated cache), an argmax per
+    step. No runner that carries every row to the end can be faster than this with the
+    same model forward; with `stop_at_eos=false` the peer's rate over this floor's is the
+    most any engine could lead it by without a faster forward."""
+    from rloop_ray.engine.decode import _cache
+
+    dec = engine._decoder
+    keys, values, valid = dec.stack(states)
+    cache = _cache(keys, values, reserve=n_new + 1)
+    valid = list(valid)
+    positions = torch.tensor([s.position for s in states], device=dec.device)
+    feed = torch.tensor([s.first_token for s in states], device=dec.device)
+    out: list[list[int]] = [[] for _ in states]
+    for step in range(n_new):
+        logits = dec.forward(cache, valid, feed[:, None], (positions + step)[:, None])
+        feed = logits[:, -1].argmax(dim=-1)
+        for row, t in zip(out, feed.tolist()):
+            row.append(t)
+    return out
+
+
 def best_of(fn, repeats: int) -> tuple[float, object]:
     """Best wall time of `repeats` calls (the machine is shared and noisy)."""
     best, result = float("inf"), None
@@ -193,11 +217,15 @@ def compare_peer(engine: Engine, n_cells: int, n_new: int, *, realistic: bool,
         t_eng = min(t_eng, t)
         t, peer_out = best_of(lambda: peer(engine, [states[i] for i in ok], n_new, stop), 1)
         t_peer = min(t_peer, t)
+    floor = None
+    if not stop:  # every row runs n_new steps: the bare forwards bound what anyone can do
+        t_floor, floor_out = best_of(lambda: forward_floor(engine, states, n_new), repeats)
+        floor = n_cells / t_floor
     eng_ids = [g.ids for g in eng_out]
     agree = sum(eng_ids[i] == p for i, p in zip(ok, peer_out))
     early = sum(len(g) < n_new for g in eng_ids)
     return {"cells": n_cells, "peer_cells": len(ok), "eng": n_cells / t_eng,
-            "peer": len(ok) / t_peer, "agree": agree, "early": early}
+            "peer": len(ok) / t_peer, "agree": agree, "early": early, "floor": floor}
 
 
 def compare_during(engine: Engine, n_cells: int, n_new: int, repeats: int
@@ -280,16 +308,22 @@ def main() -> None:
     print("\nvs the peer (one HF generate over the same patched caches; generate steps only,"
           f" best of {args.repeats}, alternating)")
     print(f"{'mix':<30}{'cells':>6}{'peer n':>7}{'early EOS':>10}{'engine/s':>10}"
-          f"{'peer/s':>9}{'ratio':>7}{'agree':>9}")
+          f"{'peer/s':>9}{'ratio':>7}{'agree':>9}{'floor/s':>9}{'ceiling':>9}")
     for realistic, label in ((True, "chat, short answers, EOS"), (False, "stop_at_eos=false")):
         for n in sizes:
             r = compare_peer(engine, n, args.new_tokens, realistic=realistic,
                              repeats=args.repeats)
+            floor = r["floor"]
+            extra = (f"{floor:>9.2f}{floor / r['peer']:>8.2f}x" if floor is not None
+                     else f"{'':>9}{'':>9}")
             print(f"{label:<30}{r['cells']:>6}{r['peer_cells']:>7}{r['early']:>10}"
                   f"{r['eng']:>10.2f}{r['peer']:>9.2f}{r['eng'] / r['peer']:>7.2f}"
-                  f"{str(r['agree']) + '/' + str(r['peer_cells']):>9}")
+                  f"{str(r['agree']) + '/' + str(r['peer_cells']):>9}{extra}")
     print("peer n: cells the peer can run exactly (one cache length for all layers, no "
-          "sliding window); the rest are left out of its rate and agreement.")
+          "sliding window); the rest are left out of its rate and agreement.\n"
+          "floor: the model's forwards alone over the same padded batch, an argmax per "
+          "step; ceiling = floor / peer, the most any runner that decodes every row to "
+          "the end could lead the peer by with this model forward.")
 
 
 if __name__ == "__main__":
