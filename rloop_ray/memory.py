@@ -72,12 +72,19 @@ workspace, allocator slack). Rough on purpose; only the planning helpers
 (`gpus_per_replica`, `reference_table`) use it, because `choose_batch_size` is given
 memory measured after the model is loaded."""
 
-SCORED_TOKENS = 32
-"""Positions whose logits one row may hold at once: the teacher-forced continuations of
-the `logprob_contrast` scorer are ~20 tokens; plain decoding needs 1."""
+SCORED_TOKENS = 48
+"""Positions whose logits one row may hold at once. The `logprob_contrast` scorer
+teacher-forces both continuations from every row at once (two rows of 1 + ~20 tokens:
+42 positions); the decode loop also keeps each row's first-step log-probs and its
+target's natural ones for `kl_from_natural` (2 more), and plain decoding needs 1."""
 
 LOGIT_COPIES = 2
-"""float32 logits plus one same-size temporary (log-softmax, or the sort of top-p)."""
+"""float32 copies of those logits alive together (the logits cast to float32 and their
+log-softmax, or the sort of top-p), on top of the logits in the model's own dtype."""
+
+FIRST_STEP_COPIES = 1
+"""float32 log-prob vectors each encoded prompt keeps next to its cache: its natural
+first-step distribution, the reference of `kl_from_natural` (computed once per prompt)."""
 
 ACTIVATION_FLOATS = 16
 """float32 values per hidden unit per in-flight token: the residual, attention output and
@@ -225,14 +232,15 @@ def sequence_bytes(info: ModelShape, prompt_tokens: int, new_tokens: int,
 
     * its patched copy of the target's prefill cache (prompt_tokens),
     * the batched generation cache that grows to prompt_tokens + new_tokens,
-    * float32 logits of up to SCORED_TOKENS positions, LOGIT_COPIES times,
+    * logits of up to SCORED_TOKENS positions, in the model's dtype and LOGIT_COPIES
+      times in float32,
     * transient activations of those positions (ACTIVATION_FLOATS per hidden unit).
     """
     _check_count("prompt_tokens", prompt_tokens)
     _check_count("new_tokens", new_tokens)
     caches = kv_bytes(info, prompt_tokens, dtype) + kv_bytes(info, prompt_tokens + new_tokens,
                                                             dtype)
-    logits = SCORED_TOKENS * info.vocab_size * 4 * LOGIT_COPIES
+    logits = SCORED_TOKENS * info.vocab_size * (4 * LOGIT_COPIES + dtype_bytes(dtype))
     activations = SCORED_TOKENS * info.hidden_size * ACTIVATION_FLOATS * 4
     return caches + logits + activations
 
@@ -242,14 +250,16 @@ def shared_bytes(info: ModelShape, prompt_tokens: int, dtype: Any = "bfloat16", 
     """Device bytes held once per replica whatever the batch: the encoded prompts.
 
     The engine encodes each prompt once and keeps its prefill cache (and any captured
-    activations) in an LRU of `prompt_cache_size` prompts on the device. Two are needed
-    at least (a unit's source and target); pass the LRU size to budget a full cache.
+    activations, and its natural first-step log-probs once a patched row asked for
+    them) in an LRU of `prompt_cache_size` prompts on the device. Two are needed at
+    least (a unit's source and target); pass the LRU size to budget a full cache.
     """
     _check_count("cached_prompts", cached_prompts)
     per_token = kv_bytes_per_token(info, dtype) + capture_bytes_per_token(
         info, capture_sites, dtype
     )
-    return cached_prompts * prompt_tokens * per_token
+    first_step = FIRST_STEP_COPIES * info.vocab_size * 4
+    return cached_prompts * (prompt_tokens * per_token + first_step)
 
 
 def choose_batch_size(free_bytes: int, model_info: ModelShape, prompt_tokens: int,

@@ -131,6 +131,9 @@ def test_batch_monotone() -> None:
 
 def test_row_counts_patched_copy_and_growing_cache() -> None:
     base = sequence_bytes(LLAMA3_8B, 0, 0)  # logits + activations only
+    # logits of both teacher-forced continuations (2 x 21 positions) and the two
+    # first-step vectors, in bf16 and twice in float32
+    assert base >= 44 * LLAMA3_8B.vocab_size * (2 + 2 * 4)
     assert sequence_bytes(LLAMA3_8B, 100, 0) - base == 2 * kv_bytes(LLAMA3_8B, 100)
     assert sequence_bytes(LLAMA3_8B, 100, 50) - sequence_bytes(LLAMA3_8B, 100, 0) == kv_bytes(
         LLAMA3_8B, 50
@@ -139,7 +142,8 @@ def test_row_counts_patched_copy_and_growing_cache() -> None:
 
 def test_prompt_cache_and_captures_are_shared_costs() -> None:
     two = shared_bytes(LLAMA3_8B, 512)
-    assert two == 2 * kv_bytes(LLAMA3_8B, 512)
+    # each prompt: its cache and its natural first-step log-probs (float32, one vocab)
+    assert two == 2 * kv_bytes(LLAMA3_8B, 512) + 2 * LLAMA3_8B.vocab_size * 4
     assert shared_bytes(LLAMA3_8B, 512, cached_prompts=256) == 128 * two
     resid = shared_bytes(LLAMA3_8B, 512, capture_sites=["resid"])
     assert resid - two == 2 * 512 * 32 * 4096 * 2
