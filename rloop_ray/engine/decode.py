@@ -7,7 +7,9 @@ sampled (temperature, top-p) from a per-row generator seeded by the row's own se
 row's tokens do not depend on what else is in its batch. A row that has stopped (EOS or
 its own `max_new_tokens`) leaves the batch after the forward that stores its last
 token's V (compaction): the rest decode on fewer rows, and what its measures need is
-kept aside when it leaves, so they are those of the uncompacted loop. Per-step
+kept aside when it leaves, so they are those of the uncompacted loop. When no row can
+stop early (greedy, `stop_at_eos=false`) the picks stay on the device and are read once
+per compaction (`Decoder.sync_free`), so on a GPU the host never waits on a step. Per-step
 log-probabilities come from logits the loop has anyway; module outputs are captured only
 when asked for. The first step's distribution gives `top_ids`/`top_logprobs` and
 `kl_from_natural` (against the target's natural first step, which the engine computes
@@ -126,11 +128,14 @@ class _Retired:
 
 class _Segment:
     """The steps between two compactions: which rows the batch slots held (`live`),
-    each step's log-prob of the pick (B,) and captured outputs name -> layer -> (B, 1, D)."""
+    each step's log-prob of the pick (B,), the picks themselves (B,) when the loop runs
+    without reading them back (`Decoder.sync_free`), and captured outputs name -> layer
+    -> (B, 1, D)."""
 
     def __init__(self, live: list[int], capture: Sequence[str], n_layers: int) -> None:
         self.live = live
         self.logprobs: list[torch.Tensor] = []
+        self.picks: list[torch.Tensor] = []
         self.grab: dict[str, list[list[torch.Tensor]]] = {
             n: [[] for _ in range(n_layers)] for n in capture}
 
@@ -159,6 +164,12 @@ class Decoder:
         self.natural_logprobs = natural_logprobs
         self.device = next(model.parameters()).device
         self.cache_kw = cache_argument(model)
+        self.sync_free = True
+        """Decode batches whose rows cannot stop early (greedy, `stop_at_eos=false`)
+        without reading each step's picks back to the host: every row's last step is
+        known from its `max_new_tokens`, so compaction needs no token, and on a GPU the
+        host queues the next steps while the device computes. False: read them every
+        step (the same tokens; tests compare both)."""
 
     # ------------------------------------------------------------------ batching
     def stack(self, rows: Sequence[PatchedState]) -> tuple[
@@ -216,8 +227,9 @@ class Decoder:
     @staticmethod
     def _sample(logits: torch.Tensor, gens: Sequence[GenerationConfig],
                 generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor]:
-        """The picks as ints (the one host sync of a step: the loop needs them for EOS
-        and limits) and as a (B,) tensor on the device, to feed back without a copy."""
+        """The picks as ints (the one host sync of a step: the loop needs them for EOS;
+        the sync-free loop does not call this) and as a (B,) tensor on the device, to
+        feed back without a copy."""
         greedy_t = logits.argmax(dim=-1)
         greedy = greedy_t.tolist()
         if all(gen.temperature <= 0 for gen in gens):
@@ -278,6 +290,10 @@ class Decoder:
             if any(m.attention for m in measures[:n_real]) else None
         kept: list[_Retired | None] = [None] * bsz
         segments = [_Segment(live, capture, self.n_layers)]
+        # no row can stop before its limit: each row's last step is known up front
+        sync_free = self.sync_free and all(g.temperature <= 0 and not g.stop_at_eos
+                                           for g in gens)
+        n_picked = [0] * bsz
         step = 0
         fed = [0] * bsz  # forwards each row took part in (its generation-time patches)
         patch_hooks = []
@@ -327,23 +343,33 @@ class Decoder:
                     if probe is not None:
                         probe.layout(live)
                 last = logits[:, -1]
-                picks, feed = self._sample(last, [gens[b] for b in live],
-                                           [generators[b] for b in live])
+                if sync_free:  # greedy, and the picks stay on the device until the end
+                    feed = last.argmax(dim=-1)
+                    segments[-1].picks.append(feed)
+                else:
+                    picks, feed = self._sample(last, [gens[b] for b in live],
+                                               [generators[b] for b in live])
                 segments[-1].logprobs.append(last.gather(1, feed[:, None])[:, 0]
                                              - torch.logsumexp(last, dim=-1))
                 for s, b in enumerate(live):
+                    n_picked[b] += 1
+                    if sync_free:
+                        done[b] = done[b] or n_picked[b] >= limits[b]
+                        continue
                     generated[b].append(picks[s])
                     if row_eos := (gens[b].stop_at_eos and picks[s] in self.eos):
                         stop[b] = "eos"
-                    if row_eos or len(generated[b]) >= limits[b]:
+                    if row_eos or n_picked[b] >= limits[b]:
                         done[b] = True
                 for c, targets in targets_of.items():  # a companion runs as long as they do
                     done[c] = done[c] or all(done[t] for t in targets)
-        gen_seconds = time.perf_counter() - started
         logprobs: list[list[float]] = [[] for _ in rows]
         captured: list[dict[str, list[list[torch.Tensor]]]] = [
             {n: [[] for _ in range(self.n_layers)] for n in capture} for _ in rows]
         for seg in segments:
+            if seg.picks:  # the sync-free loop's tokens: one read per segment
+                for s, ids in enumerate(torch.stack(seg.picks, dim=1).tolist()):
+                    generated[seg.live[s]].extend(int(t) for t in ids)
             lp = torch.stack(seg.logprobs, dim=1).tolist() if seg.logprobs else None
             acts = {n: [torch.cat(steps, dim=1) for steps in layers]
                     for n, layers in seg.grab.items()}
@@ -353,6 +379,7 @@ class Decoder:
                 for n, layers in acts.items():
                     for layer, a in enumerate(layers):
                         captured[b][n][layer].append(a[s])
+        gen_seconds = time.perf_counter() - started  # after the reads: the device is done
         attn = probe.means() if probe is not None else None
         out = []
         for b, (row, m) in enumerate(zip(rows[:n_real], measures[:n_real])):
