@@ -44,6 +44,9 @@ from rloop_ray.engine.selectors import resolve_layer
 from rloop_ray.engine.states import PatchedState
 from rloop_ray.engine.types import Generation, GenerationConfig, MeasureConfig
 
+HOST = torch.device("cpu")
+"""Where a row's measures are computed once it has decoded (see `_Retired`)."""
+
 
 class _PreallocatedLayer(DynamicLayer):
     """A cache layer with room reserved for the tokens still to come.
@@ -110,7 +113,9 @@ def _cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
 class _Retired:
     """What a row's measures read once it leaves the batch: V of the layers they use,
     as a batch of one shaped like the cache (`measure.geometry` reads `.layers[l]
-    .values`), and those layers' validity. Copied, because compaction reuses no slot."""
+    .values`), and those layers' validity. Copied, because compaction reuses no slot,
+    and copied to the host: the measures (small float64 SVDs, scalar reads) run there,
+    so on a GPU they cost one copy per row instead of a device sync per scalar."""
 
     class _Layer:
         def __init__(self, values: torch.Tensor) -> None:
@@ -323,9 +328,9 @@ class Decoder:
                         if b >= n_real:  # a companion: nothing of it is measured
                             continue
                         kept[b] = _Retired(
-                            {layer: cache.layers[layer].values[s:s + 1].clone()
+                            {layer: cache.layers[layer].values[s:s + 1].to(HOST, copy=True)
                              for layer in needed[b]},
-                            {layer: valid[layer][s:s + 1] for layer in needed[b]})
+                            {layer: valid[layer][s:s + 1].to(HOST) for layer in needed[b]})
                     if len(finished) == len(live):
                         break
                     slots = [s for s, b in enumerate(live) if not done[b]]
@@ -381,15 +386,18 @@ class Decoder:
                         captured[b][n][layer].append(a[s])
         gen_seconds = time.perf_counter() - started  # after the reads: the device is done
         attn = probe.means() if probe is not None else None
+        assert first_logprobs is not None  # the loop ran at least one forward
+        first_host = first_logprobs.to(HOST)  # (n_real, V): one copy, then per-row reads
         out = []
         for b, (row, m) in enumerate(zip(rows[:n_real], measures[:n_real])):
             n_gen = len(generated[b])
             ret = kept[b]
             assert ret is not None  # every row retires once, after its final feed
-            assert first_logprobs is not None  # the loop ran at least one forward
             meas = geometry(m, self.n_layers, ret, ret.valid, base, 0, n_gen)
             meas.update(layer_profile(m, profiles[b], ret, ret.valid, base, 0, n_gen))
-            meas.update(first_step(m, first_logprobs[b], references[b], row.is_natural))
+            ref = references[b]
+            meas.update(first_step(m, first_host[b], None if ref is None else ref.to(HOST),
+                                   row.is_natural))
             meas["token_logprobs"] = [float(x) for x in logprobs[b][:n_gen]] \
                 if m.token_logprobs else None
             has_patch = bool(row.patched_positions) or row.step_patch is not None
