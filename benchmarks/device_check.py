@@ -65,8 +65,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # a GPU machine runs the checkout without installing it
-    sys.path.insert(0, str(REPO))
+# a GPU machine runs the checkout without installing it; the benchmarks folder goes
+# first so `engine` is the sibling benchmarks/engine.py however this file is started
+# (`python benchmarks/device_check.py`, or runpy from tests/test_device_check.py)
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -232,33 +236,6 @@ def build_model(shape: Shape, tokenizer: Any, device: torch.device, dtype: torch
         raise RuntimeError("random init produced non-finite weights")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def make_engine(model: torch.nn.Module, tokenizer: Any, name: str, max_batch: int) -> Any:
-    """An `Engine` around an in-memory model.
-
-    `Engine.__init__` loads through `models.load_model` (a folder or a hub id); writing
-    16 GB of random weights to disk to read them back would cost minutes, so
-    `load_model` answers with this model for the duration of the constructor. The rest
-    of the engine is the production code, unchanged."""
-    import rloop_ray.engine.models as models
-    from rloop_ray.engine.adapters import Adapter
-    from rloop_ray.engine.runner import Engine
-
-    param = next(model.parameters())
-    adapter = Adapter(model.config)
-    loaded = models.LoadedModel(
-        model=model, tokenizer=tokenizer, adapter=adapter, name=name,
-        path=f"random-weights:{name}", n_layers=adapter.n_layers,
-        dtype=str(param.dtype).removeprefix("torch."), device=str(param.device),
-        load_seconds=0.0)
-    original = models.load_model
-    models.load_model = lambda *_a, **_k: loaded
-    try:
-        return Engine(name, device=str(param.device), dtype=loaded.dtype, chat_template=False,
-                      max_batch_size=max_batch)
-    finally:
-        models.load_model = original
 
 
 def measure_config(**wanted: Any) -> MeasureConfig:
@@ -576,41 +553,6 @@ def no_eos(model: torch.nn.Module) -> Iterator[None]:
         model.generation_config.eos_token_id = saved
 
 
-@torch.no_grad()
-def hf_generate(engine: Any, states: Sequence[Any], n_new: int) -> list[list[int]]:
-    """The peer (benchmarks/engine.py's, on the model's device): the states' caches
-    left-padded into one `DynamicCache`, an attention mask, one greedy `generate`."""
-    from transformers import DynamicCache
-
-    model, tok, device = engine.model, engine.tokenizer, engine.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    lens = [s.cache_lengths[0] for s in states]
-    t_max, bsz = max(lens), len(states)
-    ids = torch.full((bsz, t_max + 1), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((bsz, t_max + 1), dtype=torch.long, device=device)
-    data = []
-    for layer in range(engine.n_layers):
-        k0, v0 = states[0].keys[layer], states[0].values[layer]
-        k = k0.new_zeros((bsz, k0.shape[0], t_max, k0.shape[2]))
-        v = v0.new_zeros((bsz, v0.shape[0], t_max, v0.shape[2]))
-        for b, s in enumerate(states):
-            n = s.keys[layer].shape[1]
-            k[b, :, t_max - n:] = s.keys[layer]
-            v[b, :, t_max - n:] = s.values[layer]
-        data.append((k, v))
-    for b, (s, n) in enumerate(zip(states, lens)):
-        prompt = (s.prompt_ids[:-1] + [s.first_token])[-(n + 1):]
-        ids[b, t_max - n:] = torch.tensor(prompt, device=device)
-        mask[b, t_max - n:] = 1
-    cache = DynamicCache(ddp_cache_data=data)
-    with no_eos(model):
-        out = model.generate(input_ids=ids, attention_mask=mask,
-                             **{engine._decoder.cache_kw: cache},
-                             max_new_tokens=n_new, do_sample=False,
-                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-    return [row.tolist() for row in out[:, t_max + 1:]]
-
-
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: all but the input embedding table, of
     which it reads one row per token (tied embeddings are read whole, as the lm_head)."""
@@ -657,7 +599,11 @@ class Speed:
 def run_speed(engine: Any, shape: Shape, batch: int, n_new: int, repeats: int,
               bandwidth: float) -> Speed:
     """Engine vs the peer at one batch size: one warm-up each, then best of `repeats`,
-    alternating, with the device synchronised around every timed call."""
+    alternating, with the device synchronised around every timed call. The peer is
+    benchmarks/engine.py's, imported here, after `check_transformers` has passed (it
+    imports the engine)."""
+    from engine import peer
+
     device = engine.device
     row = Speed(shape.name, batch, n_new)
     states = throughput_states(engine, batch)
@@ -675,7 +621,8 @@ def run_speed(engine: Any, shape: Shape, batch: int, n_new: int, repeats: int,
         if i:
             t_eng = min(t_eng, time.perf_counter() - start)
         start = time.perf_counter()
-        hf_out = hf_generate(engine, states, n_new)
+        with no_eos(engine.model):
+            hf_out = peer(engine, states, n_new, stop_at_eos=False)
         sync(device)
         if i:
             t_hf = min(t_hf, time.perf_counter() - start)
@@ -798,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tol = Tol(args.lp_tol, args.gap_tol)
     transformers.logging.set_verbosity_error()  # generate's notes on flags, per call
 
+    from rloop_ray.engine.runner import Engine
     from rloop_ray.engine.tokenizer_builder import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -821,7 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             model = build_model(shape, tokenizer, device, dtype)
-            engine = make_engine(model, tokenizer, shape.name, max_batch=max([16, *batches]))
+            engine = Engine.from_loaded(model, tokenizer, name=shape.name, chat_template=False,
+                                        max_batch_size=max([16, *batches]))
         except Exception as exc:  # noqa: BLE001 - reported as a failed check
             checks.append(Check(shape.name, "build random-weight model", False,
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))

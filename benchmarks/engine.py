@@ -125,14 +125,16 @@ def peer(engine: Engine, states: list[PatchedState], n_new: int, stop_at_eos: bo
 
     `input_ids` holds each row's padded prompt (the cache covers all but its last token,
     which generate feeds first); positions follow from the mask, as HF computes them for
-    left padding, so each row sees its own positions 0..n."""
+    left padding, so each row sees its own positions 0..n. Every tensor is made on the
+    caches' device, so the same peer runs on CPU here and on a GPU in device_check.py."""
     model, tok = engine.model, engine.tokenizer
     kw = engine._decoder.cache_kw
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t_max = max(s.cache_lengths[0] for s in states)
     bsz = len(states)
-    ids = torch.full((bsz, t_max + 1), pad, dtype=torch.long)
-    mask = torch.zeros((bsz, t_max + 1), dtype=torch.long)
+    device = states[0].keys[0].device
+    ids = torch.full((bsz, t_max + 1), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((bsz, t_max + 1), dtype=torch.long, device=device)
     data = []
     for layer in range(engine.n_layers):
         k0, v0 = states[0].keys[layer], states[0].values[layer]
@@ -146,7 +148,7 @@ def peer(engine: Engine, states: list[PatchedState], n_new: int, stop_at_eos: bo
     for b, s in enumerate(states):
         n = s.cache_lengths[0]
         prompt = (s.prompt_ids[:-1] + [s.first_token])[-(n + 1):]
-        ids[b, t_max - n:] = torch.tensor(prompt)
+        ids[b, t_max - n:] = torch.tensor(prompt, device=device)
         mask[b, t_max - n:] = 1
     cache = DynamicCache(ddp_cache_data=data)
     eos = sorted(engine._decoder.eos) if stop_at_eos else None

