@@ -35,7 +35,20 @@ def t_test_power(d: float, n_a: int, n_b: int | None = None, *, alpha: float = 0
         return math.nan
     crit = stats.t.ppf(1.0 - alpha / 2.0, df)
     ncp = abs(d) * scale
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    upper = float(stats.nct.sf(crit, df, ncp))
+    lower = float(stats.nct.cdf(-crit, df, ncp))
+    if math.isnan(lower):
+        # scipy's nct returns NaN deep in the far tail (e.g. n = 15, alpha = 0.005, d = 2).
+        # The tail is then read from its definition: T = (Z + ncp) / (X / sqrt(df)) with
+        # X ~ chi(df), so P(T < -crit) = E_X[Phi(-ncp - crit X / sqrt(df))], a smooth
+        # one-dimensional integral that does not lose precision there.
+        root_df = math.sqrt(df)
+        lower = float(stats.chi(df).expect(
+            lambda x: stats.norm.cdf(-ncp - crit * x / root_df)))
+    if math.isnan(upper):
+        raise ValueError(f"power of d={d} at n={n_a}/{n_b}, alpha={alpha}: scipy's "
+                         "noncentral t gave NaN")
+    return min(1.0, upper + lower)
 
 
 def detectable_effect(n_a: int, n_b: int | None = None, *, alpha: float = 0.05,
