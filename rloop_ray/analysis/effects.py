@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from rloop_ray.analysis.estimators import bootstrap_ratio, mean_or_nan, spearman
+from rloop_ray.analysis.identity import identity_mask
 from rloop_ray.analysis.labels import (
     SCORE_PREFIX,
     condition_label,
@@ -182,14 +183,21 @@ def behaviour_correlations(
     """Pearson (with CI) and Spearman of R_V with every behaviour score, per model.
 
     Scope `all`: every ok cell of the model (geometry and behaviour move together across
-    interventions); scope `natural`: unpatched cells only (the prompts' own relation).
+    interventions) except the identity cells (alpha = 0 mixes, `self` controls, and so
+    every cell copied from a natural twin): they are the natural run measured again, and
+    counting them would weight natural rows several times and inflate n (the `note`
+    says how many were left out); scope `natural`: unpatched cells only (the prompts'
+    own relation).
     """
     rows: list[dict[str, Any]] = []
     if geometry not in metrics:
         return pd.DataFrame(columns=CORRELATION_COLUMNS)
     scores = [m for m in metrics if m.startswith(SCORE_PREFIX)]
     for model, mcells in _ok(cells).groupby("model", sort=True):
-        for scope, sub in (("all", mcells), (NATURAL, mcells[mcells["is_natural"]])):
+        identity = identity_mask(mcells)
+        left_out = int(identity.sum())
+        for scope, sub in (("all", mcells[~identity]),
+                           (NATURAL, mcells[mcells["is_natural"]])):
             for score in scores:
                 frame = pd.DataFrame({
                     "x": numeric(sub, geometry), "y": numeric(sub, score)
@@ -213,6 +221,10 @@ def behaviour_correlations(
                                pearson_ci_low=float(ci.low), pearson_ci_high=float(ci.high))
                     rho, p, note = spearman(x, y)
                     row.update(spearman_rho=rho, spearman_p=p, note=note)
+                if scope == "all" and left_out:
+                    row["note"] = "; ".join(filter(None, [
+                        row["note"], f"{left_out} identity cells (alpha = 0, self) not "
+                                     "counted again"]))
                 rows.append(row)
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
 
